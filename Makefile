@@ -1,0 +1,46 @@
+# fedbrats developer entry points. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedbrats-installed
+DATA ?= data/phantoms
+CASES ?= 8
+SHAPE ?= 96
+
+.PHONY: help venv synth test test-all lint docs-images clean
+
+help:
+	@echo "make synth        set up .venv and write the five-population phantom data set to $(DATA)"
+	@echo "make test         set up .venv and run the test suite"
+	@echo "make test-all     also run the slow tests"
+	@echo "make lint         ruff"
+	@echo "make docs-images  regenerate docs/img/phantom-*.png"
+
+# torch 2.13.0 first: on a CPU-only host that pin takes the CPU wheel instead of the CUDA stack.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+synth: $(STAMP)
+	$(VENV)/bin/fedbrats synth --out $(DATA) --cases $(CASES) --shape $(SHAPE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	FEDBRATS_SLOW=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+docs-images: $(STAMP)
+	$(VENV)/bin/fedbrats synth --out build/docs-phantoms --cases 1 --shape 128 --seed 7
+	$(VENV)/bin/fedbrats snapshot build/docs-phantoms --out docs/img
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

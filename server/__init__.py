@@ -1,0 +1,1 @@
+"""The coordinating side of fedbrats: the Flower ServerApp and the plain functions it calls."""
