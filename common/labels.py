@@ -2,15 +2,15 @@
 
 The internal convention (``common.contract``) is BraTS 2023's: 0 background, 1 NETC, 2 SNFH, 3 ET.
 
-===================  ==========================================================  ===================
-convention           source labels                                               to internal
-===================  ==========================================================  ===================
-``brats2015``        1 necrosis, 2 oedema, 3 non-enhancing tumour, 4 enhancing   1->1, 2->2, 3->1, 4->3
-``brats2021``        1 NCR/NET, 2 oedema, 4 enhancing (BraTS 2017-2021)          1->1, 2->2, 4->3
-``brats2023``        1 NETC, 2 SNFH, 3 ET (2023 GLI, SSA, MEN, MET)              identity
-``brats2024-ped``    1 ET, 2 NETC, 3 cystic component, 4 oedema                 1->3, 2->1, 3->1, 4->2
-``brats2024-gli``    1 NETC, 2 SNFH, 3 ET, 4 resection cavity (post-treatment)   4->0 (outside WT)
-===================  ==========================================================  ===================
+=================  ====================================================  ======================
+convention         source labels                                         to internal
+=================  ====================================================  ======================
+``brats2015``      1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing    1->1, 2->2, 3->1, 4->3
+``brats2021``      1 NCR/NET, 2 oedema, 4 enhancing (BraTS 2017-2021)    1->1, 2->2, 4->3
+``brats2023``      1 NETC, 2 SNFH, 3 ET (2023 GLI, SSA, MEN, MET)        identity
+``brats2024-ped``  1 ET, 2 NETC, 3 cystic component, 4 oedema           1->3, 2->1, 3->1, 4->2
+``brats2024-gli``  1 NETC, 2 SNFH, 3 ET, 4 resection cavity             4->0 (outside WT)
+=================  ====================================================  ======================
 
 Cysts in paediatric tumours belong to the tumour core (BraTS-PED 2024 counts them in TC and WT), so
 they become NETC. A resection cavity is not tumour and becomes background.
@@ -111,7 +111,9 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def to_internal(seg: np.ndarray, convention: str = DEFAULT_CONVENTION, source: str = "") -> np.ndarray:
+def to_internal(
+    seg: np.ndarray, convention: str = DEFAULT_CONVENTION, source: str = ""
+) -> np.ndarray:
     """Convert a label map from ``convention`` to the internal one (uint8, values 0-3).
 
     Raises ``LabelError`` naming ``source`` (a file name), the values found and the values the

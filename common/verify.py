@@ -37,7 +37,7 @@ def format_reports(reports: Sequence[CaseReport]) -> str:
     lines.append("")
     lines.append(
         f"{len(reports)} cases: {len(reports) - bad} usable, {bad} unusable"
-        + (f"; {missing} lack a contrast (filled with zeros after normalisation)" if missing else "")
+        + (f"; {missing} lack a contrast (zero-filled after normalisation)" if missing else "")
     )
     if problems:
         lines.append("problems:")
