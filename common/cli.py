@@ -12,9 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from simulation.cli import register_snapshot, register_synth
-
 from common.verify import register_verify_data
+from simulation.cli import register_snapshot, register_synth
+from simulation.run import register_simulate
 
 DESCRIPTION = """\
 fedbrats: federated multi-population knowledge distillation for brain-tumour segmentation.
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_synth(sub)
     register_snapshot(sub)
     register_verify_data(sub)
+    register_simulate(sub)
     return parser
 
 

@@ -1,0 +1,290 @@
+"""Run settings, read once into a frozen, validated dataclass.
+
+Run settings live in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (kebab-case keys) and can be
+overridden with ``flwr run -c "key=value"``. ``preset`` picks a full set of defaults
+(:data:`PRESETS`); any other key that is set overrides its preset value. Flower only lets ``-c``
+override keys that exist in pyproject, so every key is listed there with an *unset* value meaning
+"the preset's value": ``-1`` for numbers and ``""`` for strings and switches (switches take
+``"true"``/``"false"``).
+
+Per-site settings (data folder, population, work folder, label convention) are not run settings:
+they come from the SuperNode's node config in deployment (:class:`SiteConfig`), or from the
+partition id in simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from common.contract import POPULATIONS, check_population
+from common.labels import CONVENTIONS, DEFAULT_CONVENTION
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+AGGREGATIONS = ("equal", "cases")
+FEATURE_KINDS = ("mse", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run or site setting is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run setting; see the README's configuration table for meanings."""
+
+    preset: str = "cpu-demo"
+    # networks and data
+    teacher_model: str = "teacher-cpu"
+    student_model: str = "student-cpu"
+    spacing: float = 3.0
+    patch_size: int = 48
+    batch_size: int = 2
+    val_fraction: float = 0.34
+    # phase 1: teachers
+    teacher_epochs: int = 30
+    teacher_steps_per_epoch: int = 8
+    teacher_lr: float = 3e-3
+    # phase 2: distillation rounds
+    num_rounds: int = 6
+    local_steps: int = 12
+    student_lr: float = 3e-3
+    supervised_weight: float = 1.0
+    logit_weight: float = 1.0
+    feature_weight: float = 0.1
+    temperature: float = 2.0
+    feature_kind: str = "mse"
+    modality_dropout: bool = True
+    dropout_prob: float = 0.25
+    # aggregation
+    aggregation: str = "equal"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    # run
+    num_sites: int = 5
+    seed: int = 0
+    sw_overlap: float = 0.25
+    amp: bool = False
+    device: str = "auto"
+    keep_site_updates: bool = False
+    """Also save every site's returned student per round (audits and tests; large)."""
+    output_dir: str = "runs/demo"
+    data_root: str = "data/phantoms"
+    """Simulation only: site ``i`` reads ``data_root/<population i>``."""
+
+    def __post_init__(self) -> None:
+        from common.models import PRESETS as MODEL_PRESETS
+        from common.models import resolve_spec
+
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(
+                    f"run setting {key.replace('_', '-')}: expected {what}, "
+                    f"got {getattr(self, key)!r}"
+                )
+
+        for key in ("teacher_model", "student_model"):
+            try:
+                resolve_spec(getattr(self, key))
+            except ValueError as e:
+                name, presets = key.replace("_", "-"), ", ".join(MODEL_PRESETS)
+                raise ConfigError(f"run setting {name}: {e} (presets: {presets})") from None
+        need(self.spacing > 0, "spacing", "a voxel size > 0 mm")
+        need(self.patch_size >= 16 and self.patch_size % 8 == 0, "patch_size",
+             "a multiple of 8, at least 16")
+        need(self.batch_size >= 1, "batch_size", "at least 1")
+        need(0 < self.val_fraction < 1, "val_fraction", "a fraction between 0 and 1")
+        for key in ("teacher_epochs", "teacher_steps_per_epoch", "num_rounds", "local_steps",
+                    "num_sites"):
+            need(getattr(self, key) >= 1, key, "an integer >= 1")
+        for key in ("teacher_lr", "student_lr", "temperature", "server_lr"):
+            need(getattr(self, key) > 0, key, "a number > 0")
+        for key in ("supervised_weight", "logit_weight", "feature_weight", "proximal_mu"):
+            need(getattr(self, key) >= 0, key, "a number >= 0")
+        need(0 <= self.dropout_prob < 1, "dropout_prob", "a probability in [0, 1)")
+        need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
+        need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
+        need(self.aggregation in AGGREGATIONS, "aggregation", " or ".join(AGGREGATIONS))
+        need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))
+        need(self.device in DEVICES, "device", " or ".join(DEVICES))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def teacher_fingerprint(self) -> dict[str, Any]:
+        """The settings a site's teacher depends on: a stored teacher is reused only if equal."""
+        keys = ("teacher_model", "spacing", "patch_size", "batch_size", "val_fraction",
+                "teacher_epochs", "teacher_steps_per_epoch", "teacher_lr", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+_BASE = RunConfig()
+
+PRESETS: dict[str, RunConfig] = {
+    # tests: tiny networks on a coarse grid; minutes become seconds
+    "tiny": dataclasses.replace(
+        _BASE, preset="tiny", teacher_model="teacher-tiny", student_model="student-tiny",
+        spacing=4.0, patch_size=32, batch_size=1, teacher_epochs=1, teacher_steps_per_epoch=2,
+        num_rounds=2, local_steps=2, num_sites=3, output_dir="runs/tiny",
+    ),
+    # the default for `make demo`: five sites on two CPU cores within 15 minutes
+    "cpu-demo": _BASE,
+    # BraTS scale on site GPUs: 1 mm, 128^3 crops, larger networks, mixed precision
+    "gpu": dataclasses.replace(
+        _BASE, preset="gpu", teacher_model="teacher-gpu", student_model="student-gpu",
+        spacing=1.0, patch_size=128, batch_size=2, val_fraction=0.2, teacher_epochs=300,
+        teacher_steps_per_epoch=100, teacher_lr=1e-4 * 10, num_rounds=50, local_steps=200,
+        student_lr=1e-3, amp=True, output_dir="runs/gpu",
+    ),
+}
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: type(getattr(_BASE, f.name)) for f in fields(RunConfig)}
+
+
+def _unset(value: Any) -> bool:
+    return (isinstance(value, str) and value.strip() == "") or (
+        isinstance(value, int | float) and not isinstance(value, bool) and value == -1
+    )
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    name = key.replace("_", "-")
+    if isinstance(value, str) and kind in (int, float):  # e.g. from `fedbrats simulate --set`
+        try:
+            value = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            raise ConfigError(f"run setting {name}: expected a number, got {value!r}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise ConfigError(f"run setting {name}: expected \"true\" or \"false\", got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            raise ConfigError(f"run setting {name}: expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"run setting {name}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"run setting {name}: expected a string, got {value!r}")
+    return value.strip()
+
+
+def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from Flower's ``context.run_config`` (kebab-case keys).
+
+    ``preset`` chooses the defaults; every other set key overrides them; unset values (``-1``,
+    ``""``) keep the preset's. Unknown keys are an error with a suggestion.
+    """
+    types = _field_types()
+    values = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+    unknown = [k for k in values if k not in types]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, types, n=1)
+        hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+        raise ConfigError(f"unknown run setting {k.replace('_', '-')!r}{hint}")
+    preset = values.pop("preset", "") or _BASE.preset
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"run setting preset: unknown preset {preset!r}; expected one of "
+            f"{', '.join(PRESETS)}{hint}"
+        )
+    overrides = {k: _coerce(k, v, types[k]) for k, v in values.items() if not _unset(v)}
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def pyproject_defaults() -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table: every key, unset, and the default preset."""
+    out: dict[str, Any] = {}
+    for name, kind in _field_types().items():
+        key = name.replace("_", "-")
+        if name == "preset":
+            out[key] = _BASE.preset
+        elif kind in (int, float):
+            out[key] = -1
+        else:
+            out[key] = ""
+    return out
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's own settings: from the SuperNode's node config, or the simulation partition."""
+
+    population: str
+    data_dir: Path
+    work_dir: Path
+    labels: str = DEFAULT_CONVENTION
+    manifest: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "population", check_population(self.population))
+        if self.labels not in CONVENTIONS:
+            raise ConfigError(
+                f"site setting labels: unknown convention {self.labels!r}; expected one of "
+                f"{', '.join(CONVENTIONS)}"
+            )
+
+
+SIMULATION_SITES: tuple[str, ...] = POPULATIONS
+"""Simulation partition ``i`` is the site of ``SIMULATION_SITES[i]``."""
+
+
+def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+    """The site's settings, from deployment node config or a simulation partition id.
+
+    Deployment: ``flower-supernode --node-config "population='MEN' data-dir='/data/men'
+    work-dir='/var/fedbrats' labels='brats2023'"``. Simulation: ``partition-id`` picks the
+    population in :data:`SIMULATION_SITES` order; data in ``run.data_root/<POP>``, work folder in
+    ``run.output_dir/sites/<POP>``.
+    """
+    if "data-dir" in node_config:
+        missing = [k for k in ("population", "work-dir") if k not in node_config]
+        if missing:
+            raise ConfigError(
+                f"node config: missing {', '.join(missing)}; a site needs population, data-dir "
+                "and work-dir (for example --node-config \"population='MEN' "
+                "data-dir='/data/men' work-dir='/var/lib/fedbrats'\")"
+            )
+        manifest = node_config.get("manifest") or None
+        return SiteConfig(
+            population=str(node_config["population"]),
+            data_dir=Path(str(node_config["data-dir"])),
+            work_dir=Path(str(node_config["work-dir"])),
+            labels=str(node_config.get("labels") or DEFAULT_CONVENTION),
+            manifest=Path(str(manifest)) if manifest else None,
+        )
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(SIMULATION_SITES):
+            raise ConfigError(
+                f"node config: partition-id {pid} has no site; simulation has "
+                f"{len(SIMULATION_SITES)} sites ({', '.join(SIMULATION_SITES)})"
+            )
+        pop = SIMULATION_SITES[pid]
+        return SiteConfig(
+            population=pop,
+            data_dir=Path(run.data_root) / pop,
+            work_dir=Path(run.output_dir) / "sites" / pop,
+        )
+    raise ConfigError(
+        "node config: expected data-dir, population and work-dir (deployment) or partition-id "
+        f"(simulation); found {sorted(node_config)}"
+    )

@@ -1,0 +1,761 @@
+"""The end-of-run report: ``report.json``, ``report.md`` and two figures, from plain JSON-able data.
+
+Plain functions, no Flower. The server collects three things during a run and hands them to
+:func:`write_report`:
+
+``sites``
+    ``{site: {"info": {...}, "teacher": {region: {metric: value}} | None,
+    "student": {region: {metric: value}} | None, "student_missing": {contrast: {region: {...}}}}}``,
+    where the metrics are ``dice``, ``hd95``, ``lesion_dice``, ``lesion_hd95`` (means over the
+    site's validation cases) and the counts ``tp``, ``fn``, ``fp``. A failed site has ``None``.
+``rounds``
+    ``[{"round": n, "train": {site: {"loss": ..., ...}}, "evaluate": {site: {region: {...}}}}]``
+    (``evaluate`` optional).
+``run``
+    ``{"config": {...}, "started": iso, "finished": iso, "phase_seconds": {phase: seconds}}``.
+
+Conventions: sites are listed in contract order (:data:`common.contract.POPULATIONS`), any other
+site after them in alphabetical order. Missing, non-finite or non-numeric values are ``null`` in
+the JSON (which is strict: no ``NaN``/``Infinity`` tokens) and "—" in the Markdown. Each summary
+difference is student minus teacher. The "mean (equal weight)" row weights every listed site
+equally: its teacher (student) value is the mean over the sites that have a teacher (student)
+value, and its difference is the mean of the per-site differences over the sites that have both
+(the same number as student mean minus teacher mean whenever no value is missing).
+
+matplotlib (Agg backend) and numpy are imported inside the plotting functions only, so importing
+this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from common.contract import CONTRASTS, POPULATION_NAMES, POPULATIONS, REGIONS
+
+__all__ = [
+    "COUNT_KEYS",
+    "METRICS",
+    "mean_metrics",
+    "order_sites",
+    "summarise",
+    "summary_table",
+    "to_jsonable",
+    "write_report",
+]
+
+REPORT_FORMAT = "fedbrats-report/1"
+
+METRICS: dict[str, str] = {
+    "dice": "Dice",
+    "hd95": "HD95 (mm)",
+    "lesion_dice": "lesion-wise Dice",
+    "lesion_hd95": "lesion-wise HD95 (mm)",
+}
+"""Metrics compared between teacher and student in the summary, with their display names."""
+
+COUNT_KEYS: frozenset[str] = frozenset({"tp", "fn", "fp"})
+"""Per-case counts that :func:`mean_metrics` sums instead of averaging."""
+
+MISSING = "—"
+"""How a missing value prints in Markdown."""
+
+MEAN_LABEL = "mean (equal weight)"
+
+FILES = {
+    "json": "report.json",
+    "markdown": "report.md",
+    "dice_png": "population_dice.png",
+    "curves_png": "training_curves.png",
+}
+
+_REGIONS: tuple[str, ...] = tuple(REGIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (missing, NaN, infinite, bool or not a number)."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...`` or ``None`` where any level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Mappings get string keys, tuples/sets become lists, numpy scalars and arrays become Python
+    numbers and lists, NaN and infinities become ``None``, paths and datetimes become strings,
+    anything else unknown becomes its ``str``.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=str)]
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    tolist = getattr(obj, "tolist", None)  # numpy scalars and arrays, torch tensors
+    if callable(tolist):
+        try:
+            return to_jsonable(tolist())
+        except Exception:  # noqa: BLE001 - fall through to str
+            pass
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Per-case means (client side)
+# --------------------------------------------------------------------------------------------
+
+
+def mean_metrics(per_case: list[dict]) -> dict:
+    """Mean over cases of nested ``{region: {metric: value}}`` dicts.
+
+    Numbers are averaged ignoring NaN, infinities and ``None`` (``nan`` where a key has no finite
+    value at all); the counts ``tp``/``fn``/``fp`` are summed (as ints when every term is an int).
+    Nesting is followed to any depth; keys missing from some cases average over the others;
+    non-numeric leaves (strings, lists such as per-lesion details) are left out.
+    ``mean_metrics([])`` is ``{}``.
+    """
+    cases = [c for c in per_case if isinstance(c, Mapping)]
+    return _mean_nested(cases)
+
+
+def _mean_nested(cases: list[Mapping]) -> dict:
+    keys: list[str] = []
+    for case in cases:
+        for key in case:
+            if key not in keys:
+                keys.append(key)
+    out: dict = {}
+    for key in keys:
+        values = [case[key] for case in cases if key in case]
+        subs = [v for v in values if isinstance(v, Mapping)]
+        if subs:
+            out[key] = _mean_nested(subs)
+            continue
+        numeric = [v for v in values if _is_number(v)]
+        if not numeric:
+            continue
+        finite = [float(v) for v in numeric if _num(v) is not None]
+        if key in COUNT_KEYS:
+            total = sum(finite)
+            exact = all(
+                isinstance(v, int) or float(v).is_integer() for v in numeric if _num(v) is not None
+            )
+            out[key] = int(total) if exact else total
+        else:
+            out[key] = sum(finite) / len(finite) if finite else float("nan")
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    if value is None:
+        return True  # a missing measurement: counts as "no value", not as a non-numeric leaf
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def _site_key(name: str) -> tuple[int, str]:
+    code = str(name).strip().upper()
+    if code in POPULATIONS:
+        return (POPULATIONS.index(code), "")
+    return (len(POPULATIONS), str(name))
+
+
+def order_sites(names: Iterable[str]) -> list[str]:
+    """Site names in contract order (case-insensitive match), then the others alphabetically."""
+    return sorted(names, key=_site_key)
+
+
+def _site_label(name: str) -> str:
+    long = POPULATION_NAMES.get(str(name).strip().upper())
+    return f"{name} ({long})" if long else str(name)
+
+
+def _compare(teacher: float | None, student: float | None) -> dict[str, float | None]:
+    diff = student - teacher if teacher is not None and student is not None else None
+    return {"teacher": teacher, "student": student, "difference": diff}
+
+
+def summarise(sites: Mapping[str, Any]) -> dict:
+    """Teacher vs student per site, region and metric, plus the equal-weight mean over sites.
+
+    Returns ``{"order": [...], "regions": [...], "metrics": [...],
+    "populations": {site: {region: {metric: {"teacher", "student", "difference"}}}},
+    "mean": {region: {metric: {"teacher", "student", "difference", "n_teacher", "n_student",
+    "n_paired"}}}, "missing_modality": {site: {contrast: {region: {"dice", "drop"}}}},
+    "failed": {"teacher": [...], "student": [...]}}``; every value a finite float or ``None``.
+    ``drop`` is the student's full-input Dice minus its Dice without that contrast.
+    """
+    sites = sites if isinstance(sites, Mapping) else {}
+    order = order_sites([str(k) for k in sites])
+    by_name = {str(k): v for k, v in sites.items()}
+    populations: dict = {}
+    missing_modality: dict = {}
+    failed: dict[str, list[str]] = {"teacher": [], "student": []}
+    for name in order:
+        site = by_name[name] if isinstance(by_name[name], Mapping) else {}
+        for role in ("teacher", "student"):
+            if not isinstance(site.get(role), Mapping):
+                failed[role].append(name)
+        populations[name] = {
+            region: {
+                metric: _compare(
+                    _num(_get(site, "teacher", region, metric)),
+                    _num(_get(site, "student", region, metric)),
+                )
+                for metric in METRICS
+            }
+            for region in _REGIONS
+        }
+        ablation = site.get("student_missing")
+        if isinstance(ablation, Mapping) and ablation:
+            contrasts = sorted(
+                (str(c) for c in ablation),
+                key=lambda c: (CONTRASTS.index(c) if c in CONTRASTS else len(CONTRASTS), c),
+            )
+            by_contrast = {str(c): v for c, v in ablation.items()}
+            missing_modality[name] = {}
+            for contrast in contrasts:
+                row = {}
+                for region in _REGIONS:
+                    dice = _num(_get(by_contrast[contrast], region, "dice"))
+                    full = _num(_get(site, "student", region, "dice"))
+                    drop = full - dice if full is not None and dice is not None else None
+                    row[region] = {"dice": dice, "drop": drop}
+                missing_modality[name][contrast] = row
+
+    mean: dict = {}
+    for region in _REGIONS:
+        mean[region] = {}
+        for metric in METRICS:
+            cells = [populations[name][region][metric] for name in order]
+            teachers = [c["teacher"] for c in cells if c["teacher"] is not None]
+            students = [c["student"] for c in cells if c["student"] is not None]
+            diffs = [c["difference"] for c in cells if c["difference"] is not None]
+            mean[region][metric] = {
+                "teacher": _mean(teachers),
+                "student": _mean(students),
+                "difference": _mean(diffs),
+                "n_teacher": len(teachers),
+                "n_student": len(students),
+                "n_paired": len(diffs),
+            }
+    return {
+        "order": order,
+        "regions": list(_REGIONS),
+        "metrics": list(METRICS),
+        "populations": populations,
+        "mean": mean,
+        "missing_modality": missing_modality,
+        "failed": failed,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
+    v = _num(value)
+    if v is None:
+        return MISSING
+    if signed:
+        text = f"{v:+.{digits}f}"
+        # a difference that rounds to zero prints as +0.000, never -0.000
+        return text.replace("-", "+", 1) if float(text) == 0 else text
+    return f"{v:.{digits}f}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_table(summary: Mapping, metric: str, digits: int = 3) -> str:
+    """Population x region table of teacher, student and (signed) difference of ``metric``."""
+    header = ["population"]
+    for region in summary.get("regions", _REGIONS):
+        header += [f"{region} teacher", f"{region} student", f"{region} diff"]
+    rows = []
+    regions = summary.get("regions", _REGIONS)
+    for name in summary.get("order", []):
+        row = [_site_label(name)]
+        for region in regions:
+            c = _get(summary, "populations", name, region, metric) or {}
+            row += [
+                _fmt(c.get("teacher"), digits),
+                _fmt(c.get("student"), digits),
+                _fmt(c.get("difference"), digits, signed=True),
+            ]
+        rows.append(row)
+    row = [f"**{MEAN_LABEL}**"]
+    for region in regions:
+        c = _get(summary, "mean", region, metric) or {}
+        row += [
+            _fmt(c.get("teacher"), digits),
+            _fmt(c.get("student"), digits),
+            _fmt(c.get("difference"), digits, signed=True),
+        ]
+    rows.append(row)
+    return _table(header, rows)
+
+
+def summary_table(report_or_sites: Any) -> str:
+    """The population x region teacher/student/difference Dice table, as Markdown.
+
+    Accepts a report (the dict :func:`write_report` writes, with ``summary``), a path to a
+    ``report.json``, a summary from :func:`summarise`, or a ``sites`` dict.
+    """
+    obj = report_or_sites
+    if isinstance(obj, (str, Path)):
+        obj = json.loads(Path(obj).read_text(encoding="utf-8"))
+    summary = _find_summary(obj)
+    title = "Dice per population: teacher vs student (diff = student - teacher)"
+    return f"{title}\n\n{_metric_table(summary, 'dice')}\n"
+
+
+def _find_summary(obj: Any) -> dict:
+    if isinstance(obj, Mapping):
+        s = obj.get("summary")
+        if isinstance(s, Mapping) and isinstance(s.get("populations"), Mapping):
+            return dict(s)
+        if isinstance(obj.get("populations"), Mapping) and isinstance(obj.get("mean"), Mapping):
+            return dict(obj)
+        if isinstance(obj.get("sites"), Mapping) and "run" in obj:
+            return summarise(obj["sites"])
+        return summarise(obj)
+    return summarise({})
+
+
+def _duration(seconds: Any) -> str:
+    s = _num(seconds)
+    if s is None:
+        return MISSING
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes, sec = divmod(int(round(s)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {sec:02d} s" if hours else f"{minutes} min {sec:02d} s"
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if not isinstance(config, Mapping):
+        return None
+    for k in (key, key.replace("_", "-")):
+        if k in config and config[k] not in (None, "", -1):
+            return config[k]
+    return None
+
+
+def _elapsed(run: Mapping) -> float | None:
+    try:
+        start = datetime.fromisoformat(str(run["started"]))
+        end = datetime.fromisoformat(str(run["finished"]))
+        return (end - start).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _round_sites(rounds: list, section: str) -> list[str]:
+    names = set()
+    for r in rounds:
+        part = r.get(section) if isinstance(r, Mapping) else None
+        if isinstance(part, Mapping):
+            names.update(str(k) for k in part)
+    return order_sites(names)
+
+
+def _round_number(r: Any, index: int) -> Any:
+    n = r.get("round") if isinstance(r, Mapping) else None
+    return n if n is not None else index + 1
+
+
+def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
+    config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+    phases = run.get("phase_seconds") if isinstance(run.get("phase_seconds"), Mapping) else {}
+    out = ["# fedbrats report: federated multi-population distillation", ""]
+
+    def fact(label: str, value: Any) -> None:
+        out.append(f"- **{label}:** {MISSING if value in (None, '') else value}")
+
+    fact("preset", _config_value(config, "preset"))
+    planned = _config_value(config, "num_rounds")
+    fact("rounds", f"{len(rounds)} completed" + (f" of {planned}" if planned is not None else ""))
+    fact("strategy", _config_value(config, "strategy"))
+    fact("aggregation", _config_value(config, "aggregation"))
+    for key, label in (("teacher_model", "teacher model"), ("student_model", "student model")):
+        if _config_value(config, key) is not None:
+            fact(label, _config_value(config, key))
+    fact("started", run.get("started"))
+    fact("finished", run.get("finished"))
+    if phases:
+        fact("durations", ", ".join(f"{k} {_duration(v)}" for k, v in phases.items()))
+    total = _elapsed(run)
+    if total is None and phases:
+        vals = [_num(v) for v in phases.values()]
+        total = sum(v for v in vals if v is not None) if any(v is not None for v in vals) else None
+    fact("total time", _duration(total))
+    out.append("")
+
+    out += ["## Sites", ""]
+    rows = []
+    for name in summary.get("order", []):
+        site = sites.get(name) if isinstance(sites.get(name), Mapping) else {}
+        info = site.get("info") if isinstance(site.get("info"), Mapping) else {}
+        contrasts = info.get("contrasts")
+        contrasts = ", ".join(map(str, contrasts)) if isinstance(contrasts, (list, tuple)) else None
+        status = [role for role in ("teacher", "student") if name in summary["failed"][role]]
+        rows.append(
+            [
+                _site_label(name),
+                MISSING if info.get("num_train") is None else str(info.get("num_train")),
+                MISSING if info.get("num_val") is None else str(info.get("num_val")),
+                contrasts or MISSING,
+                "ok" if not status else "no " + " / ".join(status) + " result",
+            ]
+        )
+    out += [
+        _table(
+            ["population", "train cases", "val cases", "contrasts", "status"],
+            rows,
+            ["---", "---:", "---:", "---", "---"],
+        )
+        if rows
+        else "No sites reported.",
+        "",
+    ]
+
+    out += [
+        "## Dice: teacher vs student",
+        "",
+        "Mean over each site's validation cases; diff = student - teacher (higher is better).",
+        "",
+        _metric_table(summary, "dice"),
+        "",
+    ]
+    out += [
+        "## Lesion-wise Dice: teacher vs student",
+        "",
+        "BraTS 2023 lesion-wise Dice; diff = student - teacher (higher is better).",
+        "",
+        _metric_table(summary, "lesion_dice"),
+        "",
+    ]
+    out += [
+        "## HD95 (mm): teacher vs student",
+        "",
+        "95th-percentile Hausdorff distance in mm, lower is better; diff = student - teacher.",
+        "",
+        _metric_table(summary, "hd95", digits=2),
+        "",
+    ]
+    out += [
+        "## Lesion-wise HD95 (mm): teacher vs student",
+        "",
+        "Lower is better; diff = student - teacher.",
+        "",
+        _metric_table(summary, "lesion_hd95", digits=2),
+        "",
+    ]
+    unpaired = any(
+        not (c["n_paired"] == c["n_teacher"] == c["n_student"])
+        for region in summary["mean"].values()
+        for c in region.values()
+    )
+    if unpaired:
+        failed = "; ".join(
+            f"no {role} result: {', '.join(names)}"
+            for role, names in summary["failed"].items()
+            if names
+        )
+        out += [
+            f"Some values are missing ({failed or 'see the dashes above'}). In the mean "
+            "rows, teacher and student are means over the sites that have them, and diff is "
+            "the mean of the per-site differences (sites with both).",
+            "",
+        ]
+
+    ablation = summary.get("missing_modality") or {}
+    if ablation:
+        contrasts: list[str] = []
+        for per in ablation.values():
+            contrasts += [c for c in per if c not in contrasts]
+        out += [
+            "## Student with one contrast removed",
+            "",
+            "Dice WT / TC / ET of the student with all contrasts, and with each contrast "
+            "removed (filled as a missing contrast).",
+            "",
+        ]
+        rows = []
+        for name, per in ablation.items():
+            full = " / ".join(
+                _fmt(_get(summary, "populations", name, r, "dice", "student")) for r in _REGIONS
+            )
+            row = [_site_label(name), full]
+            for c in contrasts:
+                row.append(
+                    " / ".join(_fmt(_get(per, c, r, "dice")) for r in _REGIONS)
+                    if c in per
+                    else MISSING
+                )
+            rows.append(row)
+        out += [
+            _table(["population", "all contrasts"] + [f"without {c}" for c in contrasts], rows),
+            "",
+        ]
+
+    out += ["## Training loss per round", ""]
+    train_sites = _round_sites(rounds, "train")
+    if rounds and train_sites:
+        rows = []
+        for i, r in enumerate(rounds):
+            train = r.get("train") if isinstance(r, Mapping) else None
+            rows.append(
+                [str(_round_number(r, i))] + [_fmt(_get(train, s, "loss"), 4) for s in train_sites]
+            )
+        out += [
+            "Mean local distillation loss of each site's student update.",
+            "",
+            _table(["round"] + train_sites, rows),
+            "",
+        ]
+    else:
+        out += ["No distillation rounds were recorded.", ""]
+    eval_sites = _round_sites(rounds, "evaluate")
+    if eval_sites:
+        rows = []
+        for i, r in enumerate(rounds):
+            ev = r.get("evaluate") if isinstance(r, Mapping) else None
+            rows.append(
+                [str(_round_number(r, i))] + [_fmt(_get(ev, s, "WT", "dice")) for s in eval_sites]
+            )
+        out += ["## Student WT Dice per round", "", _table(["round"] + eval_sites, rows), ""]
+
+    out += [
+        "## Figures",
+        "",
+        f"- [Dice per population, teacher vs student]({FILES['dice_png']})",
+        f"- [Training curves]({FILES['curves_png']})",
+        "",
+        f"![Dice per population]({FILES['dice_png']})",
+        "",
+        f"![Training curves]({FILES['curves_png']})",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_population_dice(summary: Mapping, path: Path) -> Path:
+    """Grouped bars, teacher vs student Dice per population, one subplot per region."""
+    plt = _pyplot()
+    order = list(summary.get("order", []))
+    regions = list(summary.get("regions", _REGIONS))
+    fig, axes = plt.subplots(1, len(regions), figsize=(12, 4), sharey=True, squeeze=False)
+    width = 0.38
+    try:
+        for ax, region in zip(axes[0], regions):
+            for offset, role, color in (
+                (-width / 2, "teacher", "#4c72b0"),
+                (width / 2, "student", "#dd8452"),
+            ):
+                xs, hs = [], []
+                for i, name in enumerate(order):
+                    v = _num(_get(summary, "populations", name, region, "dice", role))
+                    if v is None:
+                        ax.text(
+                            i + offset,
+                            0.02,
+                            "n/a",
+                            rotation=90,
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            color="0.4",
+                        )
+                    else:
+                        xs.append(i + offset)
+                        hs.append(min(max(v, 0.0), 1.0))
+                ax.bar(xs, hs, width=width, label=role, color=color)
+            ax.set_xticks(range(len(order)))
+            ax.set_xticklabels(order)
+            ax.set_xlim(-0.6, max(len(order), 1) - 0.4)
+            ax.set_ylim(0.0, 1.0)
+            ax.set_title(region)
+            ax.set_xlabel("population")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel("Dice (mean over validation cases)")
+        axes[0][0].legend(loc="upper right", fontsize=8)
+        fig.suptitle("Teacher vs distilled student, per population")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_training_curves(rounds: list, path: Path) -> Path:
+    """Per-site training loss by round and, if recorded, the per-round student WT Dice."""
+    plt = _pyplot()
+    train_sites = _round_sites(rounds, "train")
+    eval_sites = _round_sites(rounds, "evaluate")
+    ncols = 2 if eval_sites else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    xs = [_round_number(r, i) for i, r in enumerate(rounds)]
+    xs = [x if _num(x) is not None else i + 1 for i, x in enumerate(xs)]
+    nan = float("nan")
+    from matplotlib.ticker import MaxNLocator
+
+    all_sites = order_sites(set(train_sites) | set(eval_sites))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(all_sites)}  # one colour per site
+    try:
+        ax = axes[0][0]
+        for s in train_sites:
+            ys = [_num(_get(r, "train", s, "loss")) for r in rounds]
+            ax.plot(xs, [nan if y is None else y for y in ys], marker="o", label=s, color=colors[s])
+        if not train_sites:
+            ax.text(
+                0.5,
+                0.5,
+                "no rounds recorded",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
+        else:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("round")
+        ax.set_ylabel("training loss (student)")
+        ax.set_title("Local distillation loss per site")
+        ax.grid(alpha=0.3)
+        if eval_sites:
+            ax = axes[0][1]
+            for s in eval_sites:
+                ys = [_num(_get(r, "evaluate", s, "WT", "dice")) for r in rounds]
+                ax.plot(
+                    xs, [nan if y is None else y for y in ys], marker="o", label=s, color=colors[s]
+                )
+            ax.set_ylim(0.0, 1.0)
+            ax.set_xlabel("round")
+            ax.set_ylabel("student WT Dice")
+            ax.set_title("Federated evaluation of the student")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        for ax in axes[0]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path, run: dict, sites: dict, rounds: list) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md``, ``population_dice.png`` and ``training_curves.png``.
+
+    Returns ``{"json": path, "markdown": path, "dice_png": path, "curves_png": path}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = to_jsonable(run) if isinstance(run, Mapping) else {}
+    sites_in = to_jsonable(sites) if isinstance(sites, Mapping) else {}
+    rounds = [r for r in to_jsonable(list(rounds or [])) if isinstance(r, Mapping)]
+    summary = summarise(sites_in)
+    ordered_sites = {name: sites_in[name] for name in summary["order"]}
+
+    report = {
+        "format": REPORT_FORMAT,
+        "run": run,
+        "populations": summary["order"],
+        "summary": summary,
+        "sites": ordered_sites,
+        "rounds": rounds,
+    }
+    paths = {key: run_dir / name for key, name in FILES.items()}
+    paths["json"].write_text(
+        json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    paths["markdown"].write_text(_markdown(run, ordered_sites, rounds, summary), encoding="utf-8")
+    plot_population_dice(summary, paths["dice_png"])
+    plot_training_curves(rounds, paths["curves_png"])
+    return paths
