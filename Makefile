@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedbrats-installed
 DATA ?= data/phantoms
-CASES ?= 8
+CASES ?= 16
 SHAPE ?= 96
 
-.PHONY: help venv synth test test-all lint docs-images clean
+.PHONY: help venv synth demo test test-all lint docs-images clean
 
 help:
+	@echo "make demo         set up .venv, generate the phantoms if absent, run the five-site simulation"
 	@echo "make synth        set up .venv and write the five-population phantom data set to $(DATA)"
 	@echo "make test         set up .venv and run the test suite"
 	@echo "make test-all     also run the slow tests"
@@ -29,6 +30,9 @@ venv: $(STAMP)
 synth: $(STAMP)
 	$(VENV)/bin/fedbrats synth --out $(DATA) --cases $(CASES) --shape $(SHAPE)
 
+demo: $(STAMP)
+	$(VENV)/bin/fedbrats simulate --out runs/demo --data $(DATA) --cases $(CASES) --preset cpu-demo
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -39,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 docs-images: $(STAMP)
-	$(VENV)/bin/fedbrats synth --out build/docs-phantoms --cases 1 --shape 128 --seed 7
+	$(VENV)/bin/fedbrats synth --out build/docs-phantoms --cases 1 --min-cases 1 --shape 128 --seed 7
 	$(VENV)/bin/fedbrats snapshot build/docs-phantoms --out docs/img
 
 clean:

@@ -43,16 +43,16 @@ class RunConfig:
     teacher_model: str = "teacher-cpu"
     student_model: str = "student-cpu"
     spacing: float = 3.0
-    patch_size: int = 48
+    patch_size: int = 32
     batch_size: int = 2
     val_fraction: float = 0.34
     # phase 1: teachers
-    teacher_epochs: int = 30
+    teacher_epochs: int = 15
     teacher_steps_per_epoch: int = 8
     teacher_lr: float = 3e-3
     # phase 2: distillation rounds
-    num_rounds: int = 6
-    local_steps: int = 12
+    num_rounds: int = 8
+    local_steps: int = 16
     student_lr: float = 3e-3
     supervised_weight: float = 1.0
     logit_weight: float = 1.0

@@ -118,9 +118,13 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
             replies = list(replies)
             entry = self._entry(server_round)
             for msg in replies:
-                if msg.has_error():
-                    continue
                 site = names.get(msg.metadata.src_node_id, str(msg.metadata.src_node_id))
+                rnd = self._round(server_round)
+                if msg.has_error():
+                    folder.audit(phase="evaluate", round=rnd, site=site, error=msg.error.reason)
+                    continue
+                folder.audit(phase="evaluate", round=rnd, site=site,
+                             **teacher_arrays_in(msg.content))
                 scores = parse_scores(msg.content["metrics"]).get("student", {})
                 entry["evaluate"][site] = scores
             folder.write_json("rounds.json", rounds)

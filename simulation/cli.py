@@ -79,7 +79,7 @@ def register_synth(subparsers) -> argparse.ArgumentParser:
         help="output folder; population folders are created inside (default: %(default)s)",
     )
     parser.add_argument(
-        "--cases", metavar="N", type=int, default=8,
+        "--cases", metavar="N", type=int, default=16,
         help="cases of the largest population (GLI); the others get fewer, like BraTS 2023 "
         "(default: %(default)s)",
     )
@@ -104,6 +104,11 @@ def register_synth(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false",
         help="do not print a line per written case",
+    )
+    parser.add_argument(
+        "--min-cases", type=int, default=3, metavar="N",
+        help="at least N cases per population, so that every simulated site can train on 2 "
+        "and validate on 1 (default: %(default)s)",
     )
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false",
@@ -142,7 +147,8 @@ def run_synth(args) -> int:
         print("fedbrats synth: --cases must be at least 1", file=sys.stderr)
         return 2
     shape = args.shape if isinstance(args.shape, tuple) else parse_shape(str(args.shape))
-    counts = case_counts(args.cases, balanced=args.balanced)
+    counts = {p: max(n, args.min_cases)
+              for p, n in case_counts(args.cases, balanced=args.balanced).items()}
     counts = {p: n for p, n in counts.items() if p in args.populations}
     start = time.perf_counter()
     dirs = write_dataset(Path(args.out), counts, shape=shape, seed=args.seed,

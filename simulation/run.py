@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 
+MIN_DEMO_CASES = 3
+"""Every simulated site gets at least 2 training cases and 1 validation case."""
+
+
 class SimulationError(RuntimeError):
     pass
 
@@ -144,6 +148,11 @@ def run_simulation(
     )
     start = time.monotonic()
     superlink: subprocess.Popen | None = None
+
+    def _terminate(signum, frame):  # SIGTERM: unwind so that `finally` stops the SuperLink
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         superlink = subprocess.Popen(
             [superlink_exe, "--insecure", "--simulation", "--isolation", "subprocess",
@@ -162,6 +171,7 @@ def run_simulation(
         returncode = proc.returncode
     finally:
         _stop(superlink)
+        signal.signal(signal.SIGTERM, previous)
     report = out / "report.md"
     return SimulationResult(returncode, out, report if report.exists() else None,
                             time.monotonic() - start)
@@ -175,8 +185,8 @@ def _run(args) -> int:
         from simulation.phantoms import case_counts, write_dataset
 
         print(f"no data in {data}: generating the five-population phantom set")
-        write_dataset(data, case_counts(args.cases), shape=(96, 96, 96), seed=0,
-                      progress=False)
+        counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
+        write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
     overrides: dict[str, Any] = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
@@ -222,7 +232,7 @@ def register_simulate(subparsers) -> None:
                    help="run settings preset (default: %(default)s)")
     p.add_argument("--sites", type=int, default=5,
                    help="number of sites, the first N populations (default: %(default)s)")
-    p.add_argument("--cases", type=int, default=12,
+    p.add_argument("--cases", type=int, default=16,
                    help="cases of the largest population when generating data "
                    "(default: %(default)s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
