@@ -47,12 +47,12 @@ class RunConfig:
     batch_size: int = 2
     val_fraction: float = 0.34
     # phase 1: teachers
-    teacher_epochs: int = 15
+    teacher_epochs: int = 30
     teacher_steps_per_epoch: int = 8
     teacher_lr: float = 3e-3
     # phase 2: distillation rounds
-    num_rounds: int = 8
-    local_steps: int = 16
+    num_rounds: int = 15
+    local_steps: int = 30
     student_lr: float = 3e-3
     supervised_weight: float = 1.0
     logit_weight: float = 1.0

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
+from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import log as flwr_log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from client.app import WEIGHT_KEY
 from common.config import RunConfig
 from server.state import RunFolder
-
-log = logging.getLogger(__name__)
 
 _STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -111,7 +110,8 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
                 folder.write_json("rounds.json", rounds)
                 losses = ", ".join(f"{s} {v.get('loss', float('nan')):.3f}"
                                    for s, v in entry["train"].items())
-                log.info("round %d/%d: student saved; site losses %s", rnd, run.num_rounds, losses)
+                flwr_log(INFO, "fedbrats: round %d/%d: student saved; site losses %s", rnd,
+                         run.num_rounds, losses)
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
@@ -131,7 +131,8 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
             wt = [s.get("WT", {}).get("dice") for s in entry["evaluate"].values()]
             wt = [w for w in wt if w is not None]
             if wt:
-                log.info("round %d: student WT Dice per site %s", self._round(server_round),
+                flwr_log(INFO, "fedbrats: round %d: student WT Dice per site %s",
+                         self._round(server_round),
                          {s: round(v.get("WT", {}).get("dice", float("nan")), 3)
                           for s, v in entry["evaluate"].items()})
             return super().aggregate_evaluate(server_round, replies)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 MIN_DEMO_CASES = 3
 """Every simulated site gets at least 2 training cases and 1 validation case."""
 
@@ -163,11 +162,14 @@ def run_simulation(
             start_new_session=True,
         )
         _wait_healthy(http_port, superlink, log_file)
+        # --stream makes `flwr run` wait for the run to end; without it it returns at once.
         cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
-               "-c", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
-        if stream:
-            cmd.append("--stream")
-        proc = subprocess.run(cmd, env=env, cwd=str(app), check=False)
+               "-c", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
+               "--stream"]
+        with (out / "flwr-run.log").open("a") as run_log:
+            proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
+                                  stdout=None if stream else run_log,
+                                  stderr=None if stream else subprocess.STDOUT)
         returncode = proc.returncode
     finally:
         _stop(superlink)
