@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     run: RunConfig = load_run_config(context.run_config)
     folder = RunFolder(run)
     folder.check_and_write_config()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     phase_seconds: dict[str, float] = folder.read_json("phases.json", {})
 
     log(INFO, "fedbrats: waiting for %d sites", run.num_sites)
@@ -147,7 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     paths = write_report(
         folder.path,
         {"config": run.to_dict(), "started": started,
-         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
          "phase_seconds": phase_seconds},
         sites,
         folder.read_json("rounds.json", []),

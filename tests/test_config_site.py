@@ -1,0 +1,74 @@
+"""Run settings and the site's plain functions, without Flower."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.site import modality_dropout, split_cases
+from common.config import ConfigError, load_run_config, site_from_node_config
+from common.data import Case
+
+
+def _pyproject_config():
+    root = Path(__file__).resolve().parent.parent
+    return tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_config_is_the_cpu_demo_preset():
+    run = load_run_config(_pyproject_config())
+    assert run.preset == "cpu-demo" and run.teacher_model == "teacher-cpu"
+
+
+def test_preset_then_overrides():
+    run = load_run_config({**_pyproject_config(), "preset": "tiny", "num-rounds": 5})
+    assert (run.teacher_model, run.num_rounds, run.local_steps) == ("teacher-tiny", 5, 2)
+    assert load_run_config({"modality-dropout": "false"}).modality_dropout is False
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"num-round": 3}, "did you mean 'num-rounds'"),
+    ({"preset": "cpu"}, "unknown preset 'cpu'"),
+    ({"strategy": "fedsgd"}, "run setting strategy: expected fedavg or fedprox or fedadam"),
+    ({"patch-size": 30}, "patch-size: expected a multiple of 8"),
+    ({"num-rounds": 2.5}, "expected an integer"),
+    ({"student-model": "studnt-cpu"}, "student-model"),
+])
+def test_bad_settings_are_named(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(cfg)
+
+
+def test_site_from_node_config():
+    run = load_run_config({"preset": "tiny", "output-dir": "out", "data-root": "d"})
+    sim = site_from_node_config({"partition-id": 3, "num-partitions": 5}, run)
+    assert sim.population == "MEN" and sim.data_dir == Path("d/MEN")
+    assert sim.work_dir == Path("out/sites/MEN")
+    dep = site_from_node_config(
+        {"population": "met", "data-dir": "/x", "work-dir": "/w", "labels": "brats2021"}, run)
+    assert dep.population == "MET" and dep.labels == "brats2021"
+    with pytest.raises(ConfigError, match="missing work-dir"):
+        site_from_node_config({"population": "MET", "data-dir": "/x"}, run)
+    with pytest.raises(ConfigError, match="partition-id 7 has no site"):
+        site_from_node_config({"partition-id": 7}, run)
+
+
+def test_split_is_deterministic_and_never_empty():
+    cases = [Case(f"c{i}", {}) for i in range(7)]
+    train, val = split_cases(cases, 0.34, seed=0)
+    assert len(val) == 2 and len(train) == 5
+    assert (train, val) == split_cases(list(reversed(cases)), 0.34, seed=0)
+    assert split_cases(cases[:2], 0.9, seed=0)[0]  # one case is kept for training
+    with pytest.raises(Exception, match="at least 2 usable cases"):
+        split_cases(cases[:1], 0.34, seed=0)
+
+
+def test_modality_dropout_keeps_at_least_one_contrast():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.ones(64, 4, 2, 2, 2)
+    out = modality_dropout(x, 0.9, gen)
+    kept = out[:, :, 0, 0, 0]
+    assert (kept.sum(1) >= 1).all()  # never an empty input
+    assert (kept == 0).any()  # and contrasts were really dropped
+    assert torch.equal(modality_dropout(x, 0.0, gen), x)
