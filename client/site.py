@@ -26,11 +26,13 @@ from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 
 from common.config import RunConfig, SiteConfig
-from common.contract import CONTRASTS, REGIONS
+from common.contract import CONTRASTS
 from common.data import Case, check_site, discover_cases
+from common.files import save_atomic
 from common.losses import DistillationLoss, SupervisedLoss
 from common.metrics import evaluate_case
 from common.models import FeatureProjector, TappedModel, build_projector, resolve_spec
+from common.scores import mean_metrics
 from common.transforms import IMAGE, LABEL, build_dataset
 
 log = logging.getLogger(__name__)
@@ -158,23 +160,6 @@ def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
     return logits.argmax(1)[0].cpu()
 
 
-def mean_scores(per_case: list[dict]) -> dict:
-    """Mean over cases of {region: {metric: value}}; lesion counts are summed."""
-    out: dict = {}
-    for region in REGIONS:
-        rows = [c[region] for c in per_case if region in c]
-        if not rows:
-            continue
-        out[region] = {}
-        for metric in rows[0]:
-            vals = np.array([r[metric] for r in rows], dtype=float)
-            if metric in ("tp", "fn", "fp"):
-                out[region][metric] = int(np.nansum(vals))
-            else:
-                out[region][metric] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-    return out
-
-
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
                    device: torch.device, drop: tuple[str, ...] = ()) -> dict:
     """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts."""
@@ -187,7 +172,7 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
         pred = predict_volume(model, image, run, device).numpy().astype(np.uint8)
         gt = item[LABEL].as_tensor()[0].numpy().astype(np.uint8)
         per_case.append(evaluate_case(pred, gt, (run.spacing,) * 3, site.population))
-    return mean_scores(per_case)
+    return mean_metrics(per_case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +259,7 @@ def train_teacher(site: SiteConfig, run: RunConfig) -> dict:
                            seconds=time.perf_counter() - t0, reused=0)
         log.info("%s teacher epoch %d/%d loss %.4f", site.population, epoch + 1,
                  run.teacher_epochs, history[-1]["loss"])
-        _save_atomic(path, {
+        save_atomic(path, {
             "spec": json.dumps(spec.to_dict()),
             "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
             "optimizer": opt.state_dict(),
@@ -286,13 +271,6 @@ def train_teacher(site: SiteConfig, run: RunConfig) -> dict:
             "metrics": json.dumps(metrics),
         })
     return metrics
-
-
-def _save_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def load_teacher(site: SiteConfig, run: RunConfig, device: torch.device) -> TappedModel:
@@ -404,7 +382,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
         scaler.update()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    _save_atomic(site.work_dir / PROJECTOR_FILE,
+    save_atomic(site.work_dir / PROJECTOR_FILE,
                  {k: v.detach().cpu() for k, v in projector.state_dict().items()})
     metrics = {("loss" if k == "total" else k): v / run.local_steps for k, v in sums.items()}
     metrics["num_steps"] = run.local_steps

@@ -6,9 +6,8 @@ from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common import log as flwr_log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -48,15 +47,6 @@ def parse_scores(metrics: Mapping[str, float]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = float(value)
     return out
-
-
-def mean_of_updates(updates: Iterable[Mapping[str, np.ndarray]],
-                    weights: Iterable[float]) -> dict[str, np.ndarray]:
-    """The weighted mean the strategies compute: for tests and checks."""
-    updates, weights = list(updates), np.asarray(list(weights), dtype=np.float64)
-    w = weights / weights.sum()
-    return {k: sum(wi * np.asarray(u[k], dtype=np.float64) for wi, u in zip(w, updates))
-            for k in updates[0]}
 
 
 def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
@@ -145,7 +135,4 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
     return strategy
 
 
-__all__ = [
-    "ArrayRecord", "MetricRecord", "build_strategy", "initial_student_arrays", "mean_of_updates",
-    "parse_scores", "teacher_arrays_in",
-]
+__all__ = ["build_strategy", "initial_student_arrays", "parse_scores", "teacher_arrays_in"]

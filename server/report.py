@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from common.contract import CONTRASTS, POPULATION_NAMES, POPULATIONS, REGIONS
+from common.scores import COUNT_KEYS, mean_metrics
+from common.scores import finite_or_none as _num
 
 __all__ = [
     "COUNT_KEYS",
@@ -58,9 +60,6 @@ METRICS: dict[str, str] = {
 }
 """Metrics compared between teacher and student in the summary, with their display names."""
 
-COUNT_KEYS: frozenset[str] = frozenset({"tp", "fn", "fp"})
-"""Per-case counts that :func:`mean_metrics` sums instead of averaging."""
-
 MISSING = "—"
 """How a missing value prints in Markdown."""
 
@@ -79,17 +78,6 @@ _REGIONS: tuple[str, ...] = tuple(REGIONS)
 # --------------------------------------------------------------------------------------------
 # Values
 # --------------------------------------------------------------------------------------------
-
-
-def _num(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (missing, NaN, infinite, bool or not a number)."""
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _get(mapping: Any, *keys: str) -> Any:
@@ -147,59 +135,6 @@ def to_jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Per-case means (client side)
 # --------------------------------------------------------------------------------------------
-
-
-def mean_metrics(per_case: list[dict]) -> dict:
-    """Mean over cases of nested ``{region: {metric: value}}`` dicts.
-
-    Numbers are averaged ignoring NaN, infinities and ``None`` (``nan`` where a key has no finite
-    value at all); the counts ``tp``/``fn``/``fp`` are summed (as ints when every term is an int).
-    Nesting is followed to any depth; keys missing from some cases average over the others;
-    non-numeric leaves (strings, lists such as per-lesion details) are left out.
-    ``mean_metrics([])`` is ``{}``.
-    """
-    cases = [c for c in per_case if isinstance(c, Mapping)]
-    return _mean_nested(cases)
-
-
-def _mean_nested(cases: list[Mapping]) -> dict:
-    keys: list[str] = []
-    for case in cases:
-        for key in case:
-            if key not in keys:
-                keys.append(key)
-    out: dict = {}
-    for key in keys:
-        values = [case[key] for case in cases if key in case]
-        subs = [v for v in values if isinstance(v, Mapping)]
-        if subs:
-            out[key] = _mean_nested(subs)
-            continue
-        numeric = [v for v in values if _is_number(v)]
-        if not numeric:
-            continue
-        finite = [float(v) for v in numeric if _num(v) is not None]
-        if key in COUNT_KEYS:
-            total = sum(finite)
-            exact = all(
-                isinstance(v, int) or float(v).is_integer() for v in numeric if _num(v) is not None
-            )
-            out[key] = int(total) if exact else total
-        else:
-            out[key] = sum(finite) / len(finite) if finite else float("nan")
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    if value is None:
-        return True  # a missing measurement: counts as "no value", not as a non-numeric leaf
-    if isinstance(value, (bool, str, bytes)):
-        return False
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,22 +27,13 @@ import torch
 
 from common.config import RunConfig
 from common.contract import CONTRASTS, LABELS, REGIONS
+from common.files import save_atomic
 from common.models import resolve_spec
 
 log = logging.getLogger(__name__)
 
 STUDENT_FORMAT = "fedbrats-student/1"
 _ROUND_RE = re.compile(r"round-(\d+)\.pt$")
-
-
-def _save_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _to_tensors(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -79,7 +70,7 @@ class RunFolder:
             changed = sorted(k for k, v in self.run.to_dict().items() if old.get(k) != v)
             if changed:
                 log.warning("resuming %s with changed settings: %s", self.path, ", ".join(changed))
-        _save_atomic(cfg, json.dumps(self.run.to_dict(), indent=2))
+        save_atomic(cfg, json.dumps(self.run.to_dict(), indent=2))
 
     # -- JSON state -----------------------------------------------------------------------
     def read_json(self, name: str, default: Any) -> Any:
@@ -87,7 +78,7 @@ class RunFolder:
         return json.loads(p.read_text()) if p.exists() else default
 
     def write_json(self, name: str, obj: Any) -> None:
-        _save_atomic(self.path / name, json.dumps(obj, indent=2, default=float))
+        save_atomic(self.path / name, json.dumps(obj, indent=2, default=float))
 
     def audit(self, **entry: Any) -> None:
         with (self.path / "audit.jsonl").open("a") as fh:
@@ -97,7 +88,7 @@ class RunFolder:
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, Any],
                         strategy_state: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
         path = self.path / "checkpoints" / f"round-{server_round:03d}.pt"
-        _save_atomic(path, {
+        save_atomic(path, {
             "round": server_round,
             "state_dict": _to_tensors(arrays),
             "strategy_state": {k: _to_tensors(v) for k, v in (strategy_state or {}).items()},
@@ -121,14 +112,14 @@ class RunFolder:
 
     def save_site_update(self, server_round: int, population: str,
                          arrays: Mapping[str, Any]) -> None:
-        _save_atomic(self.path / "updates" / f"round-{server_round:03d}" / f"{population}.pt",
+        save_atomic(self.path / "updates" / f"round-{server_round:03d}" / f"{population}.pt",
                      _to_tensors(arrays))
 
     # -- the final student ----------------------------------------------------------------
     def save_student(self, arrays: Mapping[str, Any], server_round: int) -> Path:
         """The final student with everything inference needs, loadable with weights_only."""
         path = self.path / "student.pt"
-        _save_atomic(path, student_file_payload(self.run, arrays, server_round))
+        save_atomic(path, student_file_payload(self.run, arrays, server_round))
         return path
 
 
