@@ -351,7 +351,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
         feature_kind=run.feature_kind,
     )
     opt = torch.optim.Adam(list(student.parameters()) + list(projector.parameters()),
-                           lr=run.student_lr)
+                           lr=run.round_lr(server_round))
     global_params = [p.detach().clone() for p in student.parameters()] if proximal_mu else []
     seed = _seed(run.seed, site.population, "round", server_round)
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,7 @@ from common.contract import POPULATIONS, check_population
 from common.labels import CONVENTIONS, DEFAULT_CONVENTION
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+LR_SCHEDULES = ("cosine", "constant")
 AGGREGATIONS = ("equal", "cases")
 FEATURE_KINDS = ("mse", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,6 +56,9 @@ class RunConfig:
     num_rounds: int = 15
     local_steps: int = 30
     student_lr: float = 3e-3
+    lr_schedule: str = "cosine"
+    """Local learning rate over the rounds: ``cosine`` decays ``student-lr`` to a tenth by the
+    last round, ``constant`` keeps it."""
     supervised_weight: float = 1.0
     logit_weight: float = 1.0
     feature_weight: float = 0.1
@@ -111,11 +116,19 @@ class RunConfig:
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.aggregation in AGGREGATIONS, "aggregation", " or ".join(AGGREGATIONS))
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES))
         need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))
         need(self.device in DEVICES, "device", " or ".join(DEVICES))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def round_lr(self, server_round: int) -> float:
+        """The sites' local learning rate in distillation round ``server_round`` (1-based)."""
+        if self.lr_schedule == "constant" or self.num_rounds == 1:
+            return self.student_lr
+        progress = min(max(server_round - 1, 0) / (self.num_rounds - 1), 1.0)
+        return self.student_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def teacher_fingerprint(self) -> dict[str, Any]:
         """The settings a site's teacher depends on: a stored teacher is reused only if equal."""
