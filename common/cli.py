@@ -12,6 +12,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from common.certs import register_certs
+from common.evaluate import register_evaluate
+from common.explain import register_explain
+from common.predict import register_predict
 from common.verify import register_verify_data
 from simulation.cli import register_snapshot, register_synth
 from simulation.run import register_simulate
@@ -39,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_snapshot(sub)
     register_verify_data(sub)
     register_simulate(sub)
+    register_predict(sub)
+    register_explain(sub)
+    register_evaluate(sub)
+    register_certs(sub)
     return parser
 
 

@@ -26,13 +26,11 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.contract import CONTRASTS, LABELS, REGIONS
 from common.files import save_atomic
-from common.models import resolve_spec
+from common.modelfile import STUDENT_FORMAT, student_payload  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-STUDENT_FORMAT = "fedbrats-student/1"
 _ROUND_RE = re.compile(r"round-(\d+)\.pt$")
 
 
@@ -117,23 +115,7 @@ class RunFolder:
 
     # -- the final student ----------------------------------------------------------------
     def save_student(self, arrays: Mapping[str, Any], server_round: int) -> Path:
-        """The final student with everything inference needs, loadable with weights_only."""
+        """The final student with everything inference needs (``common.modelfile``)."""
         path = self.path / "student.pt"
-        save_atomic(path, student_file_payload(self.run, arrays, server_round))
+        save_atomic(path, student_payload(self.run, arrays, server_round))
         return path
-
-
-def student_file_payload(run: RunConfig, arrays: Mapping[str, Any], server_round: int) -> dict:
-    return {
-        "format": STUDENT_FORMAT,
-        "spec": json.dumps(resolve_spec(run.student_model).to_dict()),
-        "state_dict": _to_tensors(arrays),
-        "spacing": [run.spacing] * 3,
-        "patch_size": run.patch_size,
-        "channels": list(CONTRASTS),
-        "labels": json.dumps({str(k): v for k, v in LABELS.items()}),
-        "label_convention": "brats2023",
-        "regions": json.dumps({k: list(v) for k, v in REGIONS.items()}),
-        "round": server_round,
-        "config": json.dumps(run.to_dict()),
-    }
