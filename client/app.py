@@ -10,14 +10,23 @@ Message types answered:
 ``evaluate``        the sent student on the validation cases (per-round curve)
 ``evaluate.final``  the final student beside the site's teacher, and with each contrast removed
 ==================  =========================================================================
+
+Privacy and integrity: with the node setting ``consortium-public-key`` a site uses a student only
+if the server's Ed25519 signature of it verifies (``common.signing``), and answers an error reply
+otherwise. The ``train`` handler carries two mods: Flower's ``secaggplus_mod`` for SecAgg+
+rounds (``secure-aggregation``; ``client.secagg``) and ``fixedclipping_mod`` when the server runs
+with differential privacy (``dp_clipping_mod``); each stays out of the way of other messages.
 """
 
 from __future__ import annotations
 
 import math
+from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log as flwr_log
+from flwr.common.constant import ErrorCode
 
 from common.config import RunConfig, SiteConfig, load_run_config, site_from_node_config
 
@@ -30,6 +39,53 @@ WEIGHT_KEY = "fedbrats-weight"
 def _setup(context: Context) -> tuple[RunConfig, SiteConfig]:
     run = load_run_config(context.run_config)
     return run, site_from_node_config(context.node_config, run)
+
+
+PUBLIC_KEY_SETTING = "consortium-public-key"
+"""Node setting: path of the consortium's Ed25519 public key. When set, the site uses a student
+only if the server's signature of it (in the instruction's ConfigRecord) verifies."""
+
+
+def _refuse_unsigned(msg: Message, context: Context) -> Message | None:
+    """An error reply when this site requires signed students and the sent one is not; else None.
+
+    The error reply (rather than an exception) keeps the reason readable in the server's log and
+    audit.jsonl: ``site <population>: student signature check failed: ...``.
+    """
+    key = context.node_config.get(PUBLIC_KEY_SETTING)
+    if not key:
+        return None
+    from common.signing import SIGNATURE_CONFIG_KEY, SignatureError, verify_arrays
+
+    who = context.node_config.get("population") or f"node {msg.metadata.dst_node_id}"
+    try:
+        config = msg.content.config_records.get("config")
+        signature = config.get(SIGNATURE_CONFIG_KEY) if config is not None else None
+        verify_arrays(msg.content["arrays"], signature, str(key),
+                      what=f"student sent for {msg.metadata.message_type}")
+    except (SignatureError, KeyError) as e:
+        reason = f"site {who}: student signature check failed: {e}"
+        flwr_log(ERROR, "fedbrats: %s", reason)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                       reply_to=msg)
+    return None
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server runs with differential privacy.
+
+    The server's ``DifferentialPrivacyClientSideFixedClipping`` puts the clipping norm into every
+    train instruction; then the returned student is clipped to within that L2 distance of the sent
+    one. Without the key (no DP) the handler runs as is (``fixedclipping_mod`` itself would refuse
+    such a message).
+    """
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _weight(run: RunConfig, site: SiteConfig) -> float:
@@ -80,10 +136,22 @@ def train_teacher(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
-@app.train()
+def _secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    from client.secagg import secagg_mod
+
+    return secagg_mod(msg, context, call_next)
+
+
+@app.train(mods=[_secagg_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    from client.secagg import is_secagg_train, secagg_train
     from client.site import distill_round
 
+    if is_secagg_train(msg):  # secure aggregation: Flower's SecAgg+ masks what we return
+        key = context.node_config.get(PUBLIC_KEY_SETTING)
+        return secagg_train(msg, context, str(key) if key else None)
+    if (refused := _refuse_unsigned(msg, context)) is not None:
+        return refused
     run, site = _setup(context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
@@ -101,6 +169,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     from client.site import evaluate_site
 
+    if (refused := _refuse_unsigned(msg, context)) is not None:
+        return refused
     run, site = _setup(context)
     student = msg.content["arrays"].to_torch_state_dict()
     result = evaluate_site(site, run, student)
@@ -114,6 +184,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def evaluate_final(msg: Message, context: Context) -> Message:
     from client.site import evaluate_site
 
+    if (refused := _refuse_unsigned(msg, context)) is not None:
+        return refused
     run, site = _setup(context)
     student = msg.content["arrays"].to_torch_state_dict()
     result = evaluate_site(site, run, student, with_teacher=True, missing_contrasts=True)

@@ -73,6 +73,13 @@ class RunConfig:
     server_lr: float = 0.01
     # run
     num_sites: int = 5
+    min_sites: int = 0
+    """Fewest sites whose replies make a distillation round count (0: all ``num_sites``). With
+    fewer the run stops; started again it resumes after the last round that counted."""
+    round_timeout: float = 3600.0
+    """Seconds the server waits in each distillation round: first, when ``min_sites`` <
+    ``num_sites``, for missing sites to connect, then for the replies (train, then evaluate);
+    late replies are dropped."""
     seed: int = 0
     sw_overlap: float = 0.25
     amp: bool = False
@@ -82,6 +89,20 @@ class RunConfig:
     output_dir: str = "runs/demo"
     data_root: str = "data/phantoms"
     """Simulation only: site ``i`` reads ``data_root/<population i>``."""
+    # privacy and integrity (see server/privacy.py, common/signing.py)
+    signing_key: str = ""
+    """Path of the server's Ed25519 private key (``fedbrats keys``): the server signs every
+    checkpoint, the final student.pt and the student it sends each round. "" = unsigned."""
+    dp_noise_multiplier: float = 0.0
+    """Differential privacy: Gaussian noise multiplier z on the mean of the sites' clipped
+    updates (noise std z * dp-clipping-norm / num-sites). 0 = off."""
+    dp_clipping_norm: float = 10.0
+    """L2 norm each site's whole update (student after minus student sent) is clipped to."""
+    dp_delta: float = 1e-5
+    """The delta of the (epsilon, delta) guarantee the report states."""
+    secure_aggregation: bool = False
+    """Aggregate the distillation rounds with Flower's SecAgg+: the server sees only the mean of
+    the sites' updates (server/secagg.py)."""
 
     def __post_init__(self) -> None:
         from common.models import PRESETS as MODEL_PRESETS
@@ -112,6 +133,9 @@ class RunConfig:
             need(getattr(self, key) > 0, key, "a number > 0")
         for key in ("supervised_weight", "logit_weight", "feature_weight", "proximal_mu"):
             need(getattr(self, key) >= 0, key, "a number >= 0")
+        need(0 <= self.min_sites <= self.num_sites, "min_sites",
+             f"0 (all sites) up to num-sites ({self.num_sites})")
+        need(self.round_timeout > 0, "round_timeout", "a number of seconds > 0")
         need(0 <= self.dropout_prob < 1, "dropout_prob", "a probability in [0, 1)")
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
@@ -119,9 +143,32 @@ class RunConfig:
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES))
         need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))
         need(self.device in DEVICES, "device", " or ".join(DEVICES))
+        need(self.dp_noise_multiplier >= 0, "dp_noise_multiplier", "a number >= 0 (0: no DP)")
+        need(self.dp_clipping_norm > 0, "dp_clipping_norm", "a norm > 0")
+        need(0 < self.dp_delta < 1, "dp_delta", "a probability in (0, 1)")
+        if self.dp_noise_multiplier > 0:
+            need(self.aggregation == "equal", "aggregation",
+                 '"equal" with differential privacy (the noise is calibrated to an equal-weight '
+                 'mean)')
+            need(self.strategy in ("fedavg", "fedprox"), "strategy",
+                 "fedavg or fedprox with differential privacy (FedAdam's server step would come "
+                 "between the mean and the noise)")
+        if self.secure_aggregation:
+            need(self.aggregation == "equal", "aggregation",
+                 '"equal" with secure-aggregation (SecAgg+ sums equally weighted updates)')
+            need(self.strategy in ("fedavg", "fedprox"), "strategy",
+                 "fedavg or fedprox with secure-aggregation")
+            need(not self.keep_site_updates, "keep_site_updates",
+                 "false with secure-aggregation (the server never sees a single update)")
+            need(self.num_sites >= 2, "num_sites", "at least 2 with secure-aggregation")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def required_sites(self) -> int:
+        """Replies a distillation round needs to count: ``min_sites``, or all sites if 0."""
+        return self.min_sites or self.num_sites
 
     def round_lr(self, server_round: int) -> float:
         """The sites' local learning rate in distillation round ``server_round`` (1-based)."""

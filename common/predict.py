@@ -599,6 +599,10 @@ def register_predict(subparsers) -> argparse.ArgumentParser:
                    help="overlap of the sliding windows, in [0, 1) (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    p.add_argument("--public-key", metavar="PUB", default=None,
+                   help="the consortium's public key (consortium.pub from fedbrats keys): "
+                   "refuse the model unless its STUDENT.sig verifies (the file is unchanged since "
+                   "the server signed it)")
     p.set_defaults(func=run_predict)
     return p
 
@@ -625,6 +629,15 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     try:
         device = resolve_device(args.device)
+        if getattr(args, "public_key", None):
+            from common.signing import SignatureError, verify_file
+
+            try:
+                verify_file(args.model, args.public_key)
+            except SignatureError as e:
+                print(f"error: refusing the model: {e}", file=sys.stderr)
+                return 2
+            print(f"model {args.model}: signature verified with {args.public_key}")
         student = load_student(args.model, device=device)
         cases = discover_cases(source)
     except (ModelFileError, DataError, PredictError) as e:

@@ -63,11 +63,24 @@ def _send(grid: Grid, nodes: list[int], message_type: str, content_fn, timeout: 
     return {n: r for n, r in replies.items() if not r.has_error()}
 
 
+def _load_signer(run: RunConfig):
+    """The server's Ed25519 signing key (run setting signing-key), or None: fail before phase 1."""
+    if not run.signing_key:
+        return None
+    from common.signing import load_private_key, public_key_fingerprint
+
+    key = load_private_key(run.signing_key)
+    log(INFO, "fedbrats: signing checkpoints, student.pt and the students sent with %s (%s)",
+        run.signing_key, public_key_fingerprint(key))
+    return key
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run: RunConfig = load_run_config(context.run_config)
     folder = RunFolder(run)
     folder.check_and_write_config()
+    signer = _load_signer(run)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     phase_seconds: dict[str, float] = folder.read_json("phases.json", {})
 
@@ -112,15 +125,32 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ckpt.state_dict if ckpt else initial_student_arrays(run)
     if done:
         log(INFO, "fedbrats: resuming after round %d of %d", done, run.num_rounds)
+        if signer is not None:
+            from common.signing import sig_path, verify_file
+
+            path = folder.path / "checkpoints" / f"round-{done:03d}.pt"
+            if sig_path(path).exists():
+                verify_file(path, signer.public_key())  # SignatureError: refuse to resume
+            else:
+                log(WARNING, "fedbrats: %s has no signature (written before signing-key was "
+                    "set); resuming from it anyway", path)
     final_arrays = ArrayRecord(arrays)
-    if done < run.num_rounds:
+    if done < run.num_rounds and run.secure_aggregation:
+        from server.secagg import secagg_rounds
+
+        log(INFO, "fedbrats: phase 2, %d distillation rounds aggregated with SecAgg+ (the "
+            "server sees only the mean update)", run.num_rounds - done)
+        final_arrays = secagg_rounds(grid, context, run, folder, names, rounds, final_arrays,
+                                     done, signer)
+    elif done < run.num_rounds:
         strategy = build_strategy(run, folder, names, rounds, round_offset=done,
                                   strategy_state=ckpt.strategy_state if ckpt else None)
-        log(INFO, "fedbrats: phase 2, %d distillation rounds (%s, %s weights)",
-            run.num_rounds - done, run.strategy, run.aggregation)
+        log(INFO, "fedbrats: phase 2, %d distillation rounds (%s, %s weights; a round counts "
+            "with >= %d of %d sites, waiting up to %.0f s for them)", run.num_rounds - done,
+            run.strategy, run.aggregation, run.required_sites, run.num_sites, run.round_timeout)
         result = strategy.start(
             grid=grid, initial_arrays=final_arrays, num_rounds=run.num_rounds - done,
-            timeout=LONG_TIMEOUT_S,
+            timeout=run.round_timeout,
             train_config=ConfigRecord({"round-offset": done}),
             evaluate_config=ConfigRecord({"round-offset": done}),
         )
@@ -129,12 +159,18 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_json("phases.json", phase_seconds)
     student_path = folder.save_student(final_arrays.to_torch_state_dict(), run.num_rounds)
     log(INFO, "fedbrats: final student saved to %s", student_path)
+    final_config = ConfigRecord()
+    if signer is not None:
+        from common.signing import SIGNATURE_CONFIG_KEY, sign_arrays, sign_file
+
+        log(INFO, "fedbrats: signature written to %s", sign_file(student_path, signer))
+        final_config[SIGNATURE_CONFIG_KEY] = sign_arrays(final_arrays, signer)
 
     # -- final evaluation ---------------------------------------------------------------------
     t0 = time.monotonic()
     log(INFO, "fedbrats: final evaluation of the student beside each site's teacher")
     replies = _send(grid, nodes, "evaluate.final",
-                    lambda: RecordDict({"arrays": final_arrays, "config": ConfigRecord()}),
+                    lambda: RecordDict({"arrays": final_arrays, "config": final_config}),
                     LONG_TIMEOUT_S, folder, "final", names)
     for n, r in replies.items():
         sites[names[n]].update(parse_scores(r.content["metrics"]))
@@ -142,13 +178,15 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_json("phases.json", phase_seconds)
     folder.write_json("sites.json", sites)
 
+    from server.privacy import privacy_summary
     from server.report import summary_table, write_report
 
     paths = write_report(
         folder.path,
         {"config": run.to_dict(), "started": started,
          "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-         "phase_seconds": phase_seconds},
+         "phase_seconds": phase_seconds,
+         "privacy": privacy_summary(run, folder.read_json("rounds.json", []))},
         sites,
         folder.read_json("rounds.json", []),
     )

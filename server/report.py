@@ -365,6 +365,33 @@ def _round_number(r: Any, index: int) -> Any:
     return n if n is not None else index + 1
 
 
+def _privacy_markdown(privacy: Any) -> list[str]:
+    """The "Differential privacy" section: what was spent, and what it covers."""
+    if not isinstance(privacy, Mapping):
+        return []
+    eps = _num(privacy.get("epsilon"))
+    order = _num(privacy.get("optimal_order"))
+    out = [
+        "## Differential privacy",
+        "",
+        f"- **guarantee:** ({'∞' if eps is None else f'{eps:.3g}'}, {privacy.get('delta')})-DP "
+        f"per {privacy.get('unit', 'site')}, after {privacy.get('rounds')} noisy rounds"
+        + (f" (RDP order {order:.3g})" if order is not None else ""),
+        f"- **mechanism:** {privacy.get('mechanism', MISSING)}",
+        f"- **noise multiplier:** {privacy.get('noise_multiplier')}; **clipping norm:** "
+        f"{privacy.get('clipping_norm')}; noise std on the mean "
+        f"{_fmt(privacy.get('noise_std'), 4)} over {privacy.get('num_sites')} sites",
+        f"- **accountant:** {privacy.get('accountant', MISSING)}",
+        f"- **covers:** {privacy.get('covers', MISSING)}",
+    ]
+    if privacy.get("rounds_with_fewer_sites"):
+        out.append("- rounds with fewer sites (accounted with the smaller effective noise "
+                   f"multiplier): {', '.join(map(str, privacy['rounds_with_fewer_sites']))}")
+    if privacy.get("note"):
+        out.append(f"- **note:** {privacy['note']}")
+    return out + [""]
+
+
 def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
     config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
     phases = run.get("phase_seconds") if isinstance(run.get("phase_seconds"), Mapping) else {}
@@ -527,6 +554,8 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
             )
         out += ["## Student WT Dice per round", "", _table(["round"] + eval_sites, rows), ""]
 
+    out += _privacy_markdown(run.get("privacy"))
+
     out += [
         "## Figures",
         "",
@@ -686,6 +715,8 @@ def write_report(run_dir: Path, run: dict, sites: dict, rounds: list) -> dict[st
         "sites": ordered_sites,
         "rounds": rounds,
     }
+    if isinstance(run.get("privacy"), Mapping):
+        report["privacy"] = run["privacy"]
     paths = {key: run_dir / name for key, name in FILES.items()}
     paths["json"].write_text(
         json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n", encoding="utf-8"

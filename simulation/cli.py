@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from common.contract import POPULATION_NAMES, POPULATIONS
+from simulation.run import MIN_DEMO_CASES
 
 MIN_SIZE = 32
 
@@ -106,9 +107,9 @@ def register_synth(subparsers) -> argparse.ArgumentParser:
         help="do not print a line per written case",
     )
     parser.add_argument(
-        "--min-cases", type=int, default=3, metavar="N",
-        help="at least N cases per population, so that every simulated site can train on 2 "
-        "and validate on 1 (default: %(default)s)",
+        "--min-cases", type=int, default=MIN_DEMO_CASES, metavar="N",
+        help="at least N cases per population, so that every simulated site trains on 4 and "
+        "validates on 2 (default: %(default)s)",
     )
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false",

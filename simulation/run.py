@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MIN_DEMO_CASES = 3
-"""Every simulated site gets at least 2 training cases and 1 validation case."""
+MIN_DEMO_CASES = 6
+"""Cases per population at least, when phantoms are generated: 4 to train, 2 to validate."""
 
 
 class SimulationError(RuntimeError):

@@ -1,0 +1,185 @@
+"""Update validation: check_update, and the strategy dropping a broken site's update while
+aggregating the others (hand-built Flower messages, no simulation engine)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from client.app import WEIGHT_KEY
+from server.validate import check_update, format_problems
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages are made outside a Flower process here: give them a run, node and task id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _ref():
+    return {"a.weight": np.zeros((3, 2), np.float32), "a.bias": np.zeros(3, np.float32)}
+
+
+def test_a_good_update_has_no_problems():
+    upd = {"a.weight": np.ones((3, 2), np.float32), "a.bias": np.ones(3, np.float32)}
+    assert check_update(_ref(), upd) == []
+    # torch tensors and Flower Arrays are array-likes too, on either side
+    ref = ArrayRecord({k: Array(v) for k, v in _ref().items()})
+    assert check_update(ref, {k: torch.as_tensor(v) for k, v in upd.items()}) == []
+    assert check_update(_ref(), {k: Array(v) for k, v in upd.items()}) == []
+
+
+def test_missing_and_extra_arrays_are_named():
+    problems = check_update(_ref(), {"a.weight": np.ones((3, 2), np.float32),
+                                     "teacher.w": np.ones(5, np.float32)})
+    assert len(problems) == 2
+    assert problems[0].startswith("a.bias: missing; expected an array of shape (3,), dtype float32")
+    assert problems[1].startswith("teacher.w: unexpected array (shape (5,), dtype float32)")
+
+
+def test_wrong_shape_and_dtype_say_expected_and_found():
+    problems = check_update(_ref(), {"a.weight": np.ones((2, 3), np.float32),
+                                     "a.bias": np.ones(3, np.float64)})
+    assert problems == ["a.weight: wrong shape: expected (3, 2), found (2, 3)",
+                        "a.bias: wrong dtype: expected float32, found float64"]
+
+
+def test_non_finite_values_are_counted():
+    w = np.ones((3, 2), np.float32)
+    w[0, 0], w[1, 1], w[2, 1] = np.nan, np.inf, -np.inf
+    problems = check_update(_ref(), {"a.weight": w, "a.bias": np.ones(3, np.float32)})
+    assert problems == ["a.weight: expected finite values, found 1 NaN, 2 inf among 6 values"]
+
+
+def test_non_numeric_values_are_problems_not_crashes():
+    problems = check_update(_ref(), {"a.weight": np.array([["x"] * 2] * 3),
+                                     "a.bias": np.ones(3, np.float32)})
+    assert "a.weight: wrong dtype: expected float32, found <U1" in problems
+    assert format_problems([f"p{i}" for i in range(7)], limit=2) == "p0; p1; and 5 more"
+
+
+# -- the strategy -------------------------------------------------------------------------------
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+NAMES = {11: "GLI", 12: "SSA", 13: "PED"}
+
+
+def _strategy(tmp_path, **settings):
+    from common.config import load_run_config
+    from server.protocol import build_strategy
+    from server.state import RunFolder
+
+    run = load_run_config({"preset": "tiny", "output-dir": str(tmp_path / "run"), "num-sites": 3,
+                           **settings})
+    rounds: list[dict] = []
+    folder = RunFolder(run)
+    return build_strategy(run, folder, NAMES, rounds), folder, rounds
+
+
+def _global(seed=0):
+    g = np.random.default_rng(seed)
+    return {"conv.weight": g.standard_normal((4, 2, 3)).astype(np.float32),
+            "conv.bias": g.standard_normal(4).astype(np.float32)}
+
+
+def _reply(instruction: Message, arrays: dict, loss: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"loss": loss, WEIGHT_KEY: 1.0}),
+    })
+    return Message(content, reply_to=instruction)
+
+
+def _round(strategy, sent: dict, updates: dict[int, dict]):
+    record = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    messages = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(NAMES)))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    assert set(by_node) == set(NAMES)
+    replies = [_reply(by_node[n], upd, 0.1 * n) for n, upd in updates.items()]
+    return strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize("broken", ["nan", "shape"])
+def test_strategy_drops_a_broken_update_and_averages_the_rest(tmp_path, broken):
+    strategy, folder, rounds = _strategy(tmp_path, **{"min-sites": 2})
+    sent = _global()
+    good = {n: {k: v + n for k, v in sent.items()} for n in (11, 13)}
+    bad = {k: v.copy() for k, v in sent.items()}
+    if broken == "nan":
+        bad["conv.weight"][1, 1, 1] = np.nan
+    else:
+        bad["conv.bias"] = np.zeros(5, np.float32)
+    arrays, _ = _round(strategy, sent, {11: good[11], 12: bad, 13: good[13]})
+    for key in sent:
+        np.testing.assert_allclose(arrays[key].numpy(), (good[11][key] + good[13][key]) / 2,
+                                   rtol=1e-6)
+    # the checkpoint holds the same mean, the rejected site is in the audit log with why
+    ckpt = torch.load(folder.path / "checkpoints" / "round-001.pt", weights_only=True)
+    np.testing.assert_allclose(ckpt["state_dict"]["conv.bias"].numpy(),
+                               (good[11]["conv.bias"] + good[13]["conv.bias"]) / 2, rtol=1e-6)
+    audit = [json.loads(line) for line in (folder.path / "audit.jsonl").read_text().splitlines()]
+    rejected = [e for e in audit if e.get("rejected")]
+    assert [e["site"] for e in rejected] == ["SSA"]
+    assert rejected[0]["phase"] == "round" and rejected[0]["round"] == 1
+    expected = ("conv.weight: expected finite values, found 1 NaN" if broken == "nan"
+                else "conv.bias: wrong shape: expected (4,), found (5,)")
+    assert any(p.startswith(expected) for p in rejected[0]["rejected"])
+    assert set(rounds[0]["train"]) == {"GLI", "PED"}
+
+
+def test_a_rejected_update_counts_as_missing_for_min_sites(tmp_path):
+    from server.protocol import RoundFailed
+
+    strategy, _, _ = _strategy(tmp_path)  # min-sites 0: every site's update is needed
+    sent = _global()
+    bad = {k: np.full_like(v, np.inf) for k, v in sent.items()}
+    with pytest.raises(RoundFailed, match="2 of 3 sites"):
+        _round(strategy, sent, {11: sent, 12: bad, 13: sent})
+
+
+def test_fedadam_keeps_the_students_dtype(tmp_path):
+    """FedAdam computes in float64; the global student stays float32, so the next round's
+    float32 updates still pass the dtype check."""
+    strategy, _, _ = _strategy(tmp_path, strategy="fedadam")
+    sent = _global()
+    arrays, _ = _round(strategy, sent, {n: {k: v + 0.01 * n for k, v in sent.items()}
+                                        for n in NAMES})
+    assert {arrays[k].numpy().dtype for k in sent} == {np.dtype(np.float32)}
+
+
+def test_a_sites_refusal_is_logged_and_audited_with_its_reason(tmp_path):
+    """A site refusing the student (say, a bad signature) answers an error reply: the server
+    audits it with the site's name and reason and aggregates the others."""
+    import uuid
+
+    from flwr.app import Error
+
+    strategy, folder, _ = _strategy(tmp_path, **{"min-sites": 2})
+    sent = _global()
+    record = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    messages = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(NAMES)))
+    for m in messages:  # the SuperLink gives every message an id when it is sent
+        m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    reason = "site SSA: student signature check failed: student sent for train: no signature"
+    replies = [_reply(by_node[11], sent, 0.1), _reply(by_node[13], sent, 0.3),
+               Message(Error(code=2, reason=reason), reply_to=by_node[12])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    audit = [json.loads(line) for line in (folder.path / "audit.jsonl").read_text().splitlines()]
+    assert {"phase": "round", "round": 1, "site": "SSA", "error": reason} in audit
