@@ -4,9 +4,9 @@ tiny protocol, and faults: a site crashing mid-round, the ServerApp stopped and 
 SuperNode restarted, an unregistered and a plain-text node. Everything through
 ``simulation.deploy.LocalFederation``, which runs the README's commands.
 
-Timings on the 2-core CI-like machine (under other load): the defences test about 20-30 s; the
-happy path about 3.5 min, the site crash about 4 min, the ServerApp stop/crash chain about 8 min
-(slow: FEDBRATS_SLOW=1)."""
+Timings on the 2-core CI-like machine (under other load): the defences test about 25 s and the
+unit tests of the round rules a few seconds (default suite); the happy path about 3.5 min, the site
+crash about 3 min, the ServerApp stop/crash chain about 4.5 min (slow: FEDBRATS_SLOW=1)."""
 
 from __future__ import annotations
 
