@@ -18,6 +18,7 @@ from common.explain import register_explain
 from common.predict import register_predict
 from common.signing import register_keys
 from common.verify import register_verify_data
+from simulation.bench_quality import register_bench
 from simulation.cli import register_snapshot, register_synth
 from simulation.run import register_simulate
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_evaluate(sub)
     register_certs(sub)
     register_keys(sub)
+    register_bench(sub)
     return parser
 
 
