@@ -338,20 +338,22 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     """
     device = select_device(run)
     data = load_site_data(site, run)
-    teacher = load_teacher(site, run, device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # without distillation terms (a labels-only baseline) no teacher or projector is involved
+    distil = run.logit_weight > 0 or run.feature_weight > 0
+    teacher = load_teacher(site, run, device).requires_grad_(False) if distil else None
     student = new_student(run)
     student.net.load_state_dict(student_state)
     student.to(device).train()
-    projector = _projector(site, student, teacher, run, device)
+    projector = _projector(site, student, teacher, run, device) if distil else None
     loss_fn = DistillationLoss(
         supervised_weight=run.supervised_weight, logit_weight=run.logit_weight,
         feature_weight=run.feature_weight, temperature=run.temperature,
         feature_kind=run.feature_kind,
     )
-    opt = torch.optim.Adam(list(student.parameters()) + list(projector.parameters()),
-                           lr=run.round_lr(server_round))
+    params = list(student.parameters())
+    if projector is not None:
+        params += list(projector.parameters())
+    opt = torch.optim.Adam(params, lr=run.round_lr(server_round))
     global_params = [p.detach().clone() for p in student.parameters()] if proximal_mu else []
     seed = _seed(run.seed, site.population, "round", server_round)
     gen = torch.Generator().manual_seed(seed)
@@ -364,8 +366,10 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
         x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
         x_student = modality_dropout(x, run.dropout_prob, gen) if run.modality_dropout else x
         with torch.autocast(device.type, enabled=amp):
-            with torch.no_grad():
-                t_logits, t_feats = teacher(x)
+            t_logits = t_feats = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, t_feats = teacher(x)
             s_logits, s_feats = student(x_student)
             need_feats = run.feature_weight > 0
             total, terms = loss_fn(
@@ -382,8 +386,9 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
         scaler.update()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    save_atomic(site.work_dir / PROJECTOR_FILE,
-                 {k: v.detach().cpu() for k, v in projector.state_dict().items()})
+    if projector is not None:
+        save_atomic(site.work_dir / PROJECTOR_FILE,
+                     {k: v.detach().cpu() for k, v in projector.state_dict().items()})
     metrics = {("loss" if k == "total" else k): v / run.local_steps for k, v in sums.items()}
     metrics["num_steps"] = run.local_steps
     state = {k: v.detach().cpu() for k, v in student.net.state_dict().items()}

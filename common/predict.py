@@ -487,60 +487,18 @@ def render_overlay(
     centre (columns), the internal-convention ``labels`` outlined (NETC red, SNFH green, ET
     yellow), in radiological orientation whatever the file's axes. A missing contrast is a
     black panel saying so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import nibabel as nib
-    from matplotlib.patches import Patch
 
-    from simulation.render import LABEL_STYLE, _tumour_centre, _views
+    from simulation.render import render_views
 
     def canonical(vol: np.ndarray):
         img = nib.as_closest_canonical(nib.Nifti1Image(vol, affine))
         return np.asarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])
 
     seg, zooms = canonical(np.asarray(labels, dtype=np.uint8))
-    centre = _tumour_centre(seg)
-    seg_views = _views(seg, centre, zooms)
-    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.6), facecolor="black")
-    for row, (key, name) in enumerate((("t1c", "T1c"), ("t2f", "FLAIR"))):
-        vol, _ = canonical(np.asarray(image[CONTRASTS.index(key)], dtype=np.float32))
-        present = bool(np.any(vol))
-        brain = vol[vol > 0]
-        vmax = float(np.percentile(brain, 99.5)) if brain.size else 1.0
-        for col, ((sl, aspect), (lab_sl, _), view) in enumerate(
-            zip(_views(vol, centre, zooms), seg_views, ("axial", "coronal", "sagittal"))
-        ):
-            ax = axes[row, col]
-            ax.imshow(sl, cmap="gray", vmin=0, vmax=vmax, aspect=aspect, interpolation="bilinear")
-            if not present:
-                ax.text(0.5, 0.5, f"{name} missing", color="white", ha="center", va="center",
-                        transform=ax.transAxes)
-            for lab, (_, rgb) in LABEL_STYLE.items():
-                if (lab_sl == lab).any():
-                    ax.contour(lab_sl == lab, levels=[0.5], colors=[rgb], linewidths=0.9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            ax.set_title(f"{name} {view}", color="white", fontsize=10)
-            left, right = ("R", "L") if col != 2 else ("A", "P")
-            ax.text(0.02, 0.5, left, color="white", fontsize=9, transform=ax.transAxes,
-                    va="center")
-            ax.text(0.98, 0.5, right, color="white", fontsize=9, transform=ax.transAxes,
-                    va="center", ha="right")
-    handles = [Patch(facecolor=rgb, edgecolor=rgb, label=name)
-               for name, rgb in LABEL_STYLE.values()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9,
-               labelcolor="white")
-    fig.suptitle(title, color="white", fontsize=12)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=76, facecolor="black")
-    plt.close(fig)
-    return out_png
+    volumes = {name: canonical(np.asarray(image[CONTRASTS.index(key)], dtype=np.float32))[0]
+               for key, name in (("t1c", "T1c"), ("t2f", "FLAIR"))}
+    return render_views(volumes, seg, zooms, out_png, title)
 
 
 # --------------------------------------------------------------------------------------------

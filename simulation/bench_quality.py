@@ -269,42 +269,12 @@ def supervised_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch
     as ``client.site.distill_round``; loss Dice + CE, plus FedProx's proximal term when
     ``proximal_mu > 0``.
     """
-    import torch
+    import dataclasses
 
-    from client.site import (
-        _batches,
-        _seed,
-        load_site_data,
-        modality_dropout,
-        new_student,
-        select_device,
-    )
-    from common.losses import SupervisedLoss
-    from common.transforms import IMAGE, LABEL
+    from client.site import distill_round
 
-    device = select_device(run)
-    data = load_site_data(site, run)
-    student = new_student(run)
-    student.net.load_state_dict(state)
-    student.to(device).train()
-    opt = torch.optim.Adam(student.parameters(), lr=run.round_lr(server_round))
-    global_params = [p.detach().clone() for p in student.parameters()] if proximal_mu else []
-    seed = _seed(run.seed, site.population, "round", server_round)
-    gen = torch.Generator().manual_seed(seed)
-    batches = _batches(data.train_ds, run.batch_size, seed)
-    loss_fn = SupervisedLoss()
-    for _ in range(run.local_steps):
-        batch = next(batches)
-        x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
-        x = modality_dropout(x, run.dropout_prob, gen) if run.modality_dropout else x
-        loss = loss_fn(student(x)[0], y)
-        if proximal_mu:
-            prox = sum(((p - g) ** 2).sum() for p, g in zip(student.parameters(), global_params))
-            loss = loss + proximal_mu / 2 * prox
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {k: v.detach().cpu() for k, v in student.net.state_dict().items()}
+    labels_only = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
+    return distill_round(site, labels_only, state, server_round, proximal_mu=proximal_mu)[0]
 
 
 LocalFn = Callable[["SiteConfig", Mapping[str, "torch.Tensor"], int], Mapping[str, "torch.Tensor"]]

@@ -62,42 +62,31 @@ def _views(vol, centre, zooms):
     return [(axial, zy / zx), (coronal, zz / zx), (sagittal, zz / zy)]
 
 
-def render_case(
-    case_dir: Path, out_png: Path, title: str | None = None, overlay: bool = True
+def render_views(
+    volumes: dict[str, object], seg, zooms, out_png, title: str, overlay: bool = True
 ) -> Path:
-    """Draw a 2x3 figure (rows T1c and FLAIR; columns axial, coronal, sagittal) through the
-    largest lesion's centre, with the segmentation overlaid (unless ``overlay`` is false: then
-    only the images, to judge them), and save it as ``out_png``."""
+    """Draw a 2x3 figure of RAS arrays: one row per entry of ``volumes`` (display name ->
+    volume), columns axial, coronal and sagittal through the largest lesion of ``seg``, the labels
+    outlined (NETC also filled) unless ``overlay`` is false; an all-zero volume is a black panel
+    saying it is missing. Saved as ``out_png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
     import numpy as np
     from matplotlib.patches import Patch
 
-    files = _case_files(Path(case_dir))
-    loaded = {}
-    zooms = None
-    for key, path in files.items():
-        img = nib.as_closest_canonical(nib.load(str(path)))  # RAS, whatever the file's axes
-        loaded[key] = np.asarray(img.dataobj)
-        zooms = img.header.get_zooms()[:3]
-    seg = np.rint(loaded[SEG_KEY]).astype(np.uint8)
+    seg = np.asarray(seg)
     centre = _tumour_centre(seg)
-    cid = Path(case_dir).name
-    if title is None:
-        pop = next((p for p in POPULATIONS if f"-{p}-" in cid), None)
-        title = f"{cid}: {POPULATION_NAMES[pop]}" if pop else cid
-
     colours = np.zeros((4, 4), dtype=float)
     for lab, (_, rgb) in LABEL_STYLE.items():
         colours[lab] = (*rgb, 0.13)
     seg_views = _views(seg, centre, zooms)
 
-    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.6), facecolor="black")
-    for row, (key, name) in enumerate((("t1c", "T1c"), ("t2f", "FLAIR"))):
-        vol = loaded[key].astype(np.float32)
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(10.5, 7.6), facecolor="black",
+                             squeeze=False)
+    for row, (name, vol) in enumerate(volumes.items()):
+        vol = np.asarray(vol, dtype=np.float32)
         brain = vol[vol > 0]
         vmax = float(np.percentile(brain, 99.5)) if brain.size else 1.0
         for col, ((sl, aspect), (lab_sl, _), view) in enumerate(
@@ -105,6 +94,9 @@ def render_case(
         ):
             ax = axes[row, col]
             ax.imshow(sl, cmap="gray", vmin=0, vmax=vmax, aspect=aspect, interpolation="bilinear")
+            if not vol.any():
+                ax.text(0.5, 0.5, f"{name} missing", color="white", ha="center", va="center",
+                        transform=ax.transAxes)
             for lab, (_, rgb) in LABEL_STYLE.items() if overlay else ():
                 if lab == 1:
                     ax.imshow(colours[lab_sl], aspect=aspect, interpolation="nearest")
@@ -115,16 +107,11 @@ def render_case(
             for spine in ax.spines.values():
                 spine.set_visible(False)
             ax.set_title(f"{name} {view}", color="white", fontsize=10)
-            if col != 2:
-                ax.text(0.02, 0.5, "R", color="white", fontsize=9, transform=ax.transAxes,
-                        va="center")
-                ax.text(0.98, 0.5, "L", color="white", fontsize=9, transform=ax.transAxes,
-                        va="center", ha="right")
-            else:
-                ax.text(0.02, 0.5, "A", color="white", fontsize=9, transform=ax.transAxes,
-                        va="center")
-                ax.text(0.98, 0.5, "P", color="white", fontsize=9, transform=ax.transAxes,
-                        va="center", ha="right")
+            left, right = ("R", "L") if col != 2 else ("A", "P")
+            ax.text(0.02, 0.5, left, color="white", fontsize=9, transform=ax.transAxes,
+                    va="center")
+            ax.text(0.98, 0.5, right, color="white", fontsize=9, transform=ax.transAxes,
+                    va="center", ha="right")
     handles = [Patch(facecolor=rgb, edgecolor=rgb, label=name) for name, rgb in
                LABEL_STYLE.values()]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9,
@@ -136,6 +123,31 @@ def render_case(
     fig.savefig(out_png, dpi=76, facecolor="black")
     plt.close(fig)
     return out_png
+
+
+def render_case(
+    case_dir: Path, out_png: Path, title: str | None = None, overlay: bool = True
+) -> Path:
+    """Draw a 2x3 figure (rows T1c and FLAIR; columns axial, coronal, sagittal) through the
+    largest lesion's centre, with the segmentation overlaid (unless ``overlay`` is false: then
+    only the images, to judge them), and save it as ``out_png``."""
+    import nibabel as nib
+    import numpy as np
+
+    files = _case_files(Path(case_dir))
+    loaded = {}
+    zooms = None
+    for key, path in files.items():
+        img = nib.as_closest_canonical(nib.load(str(path)))  # RAS, whatever the file's axes
+        loaded[key] = np.asarray(img.dataobj)
+        zooms = img.header.get_zooms()[:3]
+    seg = np.rint(loaded[SEG_KEY]).astype(np.uint8)
+    cid = Path(case_dir).name
+    if title is None:
+        pop = next((p for p in POPULATIONS if f"-{p}-" in cid), None)
+        title = f"{cid}: {POPULATION_NAMES[pop]}" if pop else cid
+    return render_views({"T1c": loaded["t1c"], "FLAIR": loaded["t2f"]}, seg, zooms, out_png,
+                        title, overlay=overlay)
 
 
 def render_dataset(data_dir, out_dir) -> list[Path]:

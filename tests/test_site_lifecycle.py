@@ -178,3 +178,14 @@ def test_resume_with_another_student_is_refused(tmp_path):
         _folder(tmp_path, student_model="student-cpu").check_and_write_config()
     _folder(tmp_path, num_rounds=7).check_and_write_config()  # other settings: allowed
     assert json.loads((folder.path / "config.json").read_text())["num_rounds"] == 7
+
+
+def test_labels_only_round_needs_no_teacher(data_root, tmp_path):
+    site = _site(data_root, tmp_path)
+    run = dataclasses.replace(RUN, logit_weight=0.0, feature_weight=0.0)
+    start = new_student(run).net.state_dict()
+    state, metrics = distill_round(site, run, start, server_round=1)
+    assert not (site.work_dir / TEACHER_FILE).exists()
+    assert not (site.work_dir / PROJECTOR_FILE).exists()
+    assert metrics["logit"] == 0 and metrics["feature"] == 0 and metrics["supervised"] > 0
+    assert any(not torch.equal(state[k], v) for k, v in start.items())
