@@ -32,6 +32,11 @@ FEATURE_KINDS = ("mse", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+TEACHER_RECIPE = 2
+"""Version of the teacher training code; bump it when the loss or the sampling changes.
+2: batch Dice over the tumour classes (common/losses.py)."""
+
+
 class ConfigError(ValueError):
     """A run or site setting is missing, unknown or out of range."""
 
@@ -178,10 +183,14 @@ class RunConfig:
         return self.student_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def teacher_fingerprint(self) -> dict[str, Any]:
-        """The settings a site's teacher depends on: a stored teacher is reused only if equal."""
+        """The settings a site's teacher depends on: a stored teacher is reused only if equal.
+
+        ``recipe`` is :data:`TEACHER_RECIPE`, so that a teacher trained by an older version of
+        the training code (another loss, other sampling) is not reused.
+        """
         keys = ("teacher_model", "spacing", "patch_size", "batch_size", "val_fraction",
                 "teacher_epochs", "teacher_steps_per_epoch", "teacher_lr", "seed")
-        return {k: getattr(self, k) for k in keys}
+        return {"recipe": TEACHER_RECIPE, **{k: getattr(self, k) for k in keys}}
 
 
 _BASE = RunConfig()

@@ -3,7 +3,8 @@
 Shapes: logits ``B, C, H, W, D`` with ``C = NUM_CLASSES`` (4), labels ``B, 1, H, W, D`` integer
 (``B, H, W, D`` is accepted too), features ``B, C_f, h, w, d``.
 
-* :func:`supervised_loss`: Dice + cross-entropy (MONAI ``DiceCELoss``, softmax, one-hot labels).
+* :func:`supervised_loss`: Dice + cross-entropy (MONAI ``DiceCELoss``, softmax, one-hot labels,
+  batch Dice over the tumour classes).
 * :func:`logit_kd_loss`: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the
   class axis, averaged over voxels and batch (Hinton et al., 2015).
 * :func:`feature_kd_loss`: mean squared error or ``1 - cosine similarity`` (channel axis)
@@ -60,9 +61,14 @@ class SupervisedLoss(nn.Module):
 
     ``forward(logits, labels)``: logits ``B, C, H, W, D`` (raw scores), labels ``B, 1, H, W, D``
     (or ``B, H, W, D``) with values in ``0 .. C-1``. Returns a scalar tensor. Dice is computed
-    on softmax probabilities against one-hot labels, background included, per sample and class
-    and then averaged; cross-entropy is averaged over voxels; the two are added with weights
-    ``lambda_dice`` and ``lambda_ce``.
+    on softmax probabilities against one-hot labels for the tumour classes (background left to
+    cross-entropy), over the whole batch per class ("batch Dice", as nnU-Net does for 3D), then
+    averaged over classes; cross-entropy is averaged over voxels; the two are added with
+    weights ``lambda_dice`` and ``lambda_ce``.
+
+    Batch Dice matters for small crops: a crop without, say, enhancing tumour would otherwise
+    have a per-sample ET Dice of 0 for any predicted ET voxel, however few, a loss term that
+    swamps the rest of the batch.
     """
 
     def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
@@ -70,7 +76,8 @@ class SupervisedLoss(nn.Module):
         from monai.losses import DiceCELoss
 
         self.dice_ce = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce
+            to_onehot_y=True, softmax=True, include_background=False, batch=True,
+            lambda_dice=lambda_dice, lambda_ce=lambda_ce,
         )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,20 @@ def test_supervised_confident_correct_is_small():
         supervised_loss(logits, labels[:, :, :2])
 
 
+def test_supervised_dice_is_batch_dice_over_tumour_classes():
+    # Two 8-voxel samples; the second has no ET, and one of its background voxels is predicted
+    # ET with certainty. Batch Dice per class over {NETC, SNFH, ET}:
+    #   NETC, SNFH: perfect -> 0;  ET: intersection 2, predicted 3, true 2 -> 1 - 4/5 = 0.2
+    #   mean over the three classes: 0.2 / 3 = 0.0667
+    # (per-sample Dice would give the second sample's ET a loss of 1: mean 1/6 = 0.167)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 2, 2, 0, 0]])
+    labels = labels.reshape(2, 1, 2, 2, 2)
+    logits = 50.0 * torch.nn.functional.one_hot(labels[:, 0], 4).permute(0, 4, 1, 2, 3).float()
+    logits[1, :, 1, 1, 0] = torch.tensor([0.0, 0.0, 0.0, 50.0])
+    dice_only = SupervisedLoss(lambda_ce=0.0)(logits, labels).item()
+    assert dice_only == pytest.approx(0.2 / 3, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------- combined
 
 

@@ -58,6 +58,17 @@ def test_teacher_is_trained_once_then_reused(data_root, tmp_path):
     assert retrained["reused"] == 0 and path.stat().st_mtime_ns != stamp
 
 
+def test_teacher_of_an_older_training_recipe_is_retrained(data_root, tmp_path, monkeypatch):
+    import common.config
+
+    site = _site(data_root, tmp_path)
+    monkeypatch.setattr(common.config, "TEACHER_RECIPE", common.config.TEACHER_RECIPE - 1)
+    assert train_teacher(site, RUN)["reused"] == 0
+    assert train_teacher(site, RUN)["reused"] == 1
+    monkeypatch.undo()  # the current code: the stored teacher came from the old recipe
+    assert train_teacher(site, RUN)["reused"] == 0
+
+
 def test_interrupted_teacher_resumes_from_its_last_epoch(data_root, tmp_path, caplog,
                                                         monkeypatch):
     site = _site(data_root, tmp_path)
