@@ -29,7 +29,7 @@ from common.config import RunConfig, SiteConfig
 from common.contract import CONTRASTS
 from common.data import Case, check_site, discover_cases
 from common.files import save_atomic
-from common.losses import DistillationLoss, SupervisedLoss
+from common.losses import DistillationLoss, SupervisedLoss, teacher_correct_mask
 from common.metrics import evaluate_case
 from common.models import FeatureProjector, TappedModel, build_projector, resolve_spec
 from common.scores import mean_metrics
@@ -372,10 +372,14 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
                     t_logits, t_feats = teacher(x)
             s_logits, s_feats = student(x_student)
             need_feats = run.feature_weight > 0
+            kd_mask = None
+            if t_logits is not None and run.kd_mask == "teacher-correct":
+                kd_mask = teacher_correct_mask(t_logits, y)
             total, terms = loss_fn(
                 s_logits, t_logits, y,
                 projector(s_feats, t_feats) if need_feats else None,
                 t_feats if need_feats else None,
+                kd_mask=kd_mask,
             )
         if proximal_mu:
             prox = sum(((p - g) ** 2).sum() for p, g in zip(student.parameters(), global_params))

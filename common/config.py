@@ -29,6 +29,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 AGGREGATIONS = ("equal", "cases")
 FEATURE_KINDS = ("mse", "cosine")
+KD_MASKS = ("none", "teacher-correct")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -69,6 +70,10 @@ class RunConfig:
     feature_weight: float = 0.1
     temperature: float = 2.0
     feature_kind: str = "mse"
+    kd_mask: str = "none"
+    """Where the logit distillation applies: ``none`` everywhere; ``teacher-correct`` only on
+    voxels where the teacher's class is the label's, so that a weak teacher's mistakes are
+    not distilled (the labels supervise the rest)."""
     modality_dropout: bool = True
     dropout_prob: float = 0.25
     # aggregation
@@ -144,6 +149,7 @@ class RunConfig:
         need(0 <= self.dropout_prob < 1, "dropout_prob", "a probability in [0, 1)")
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
+        need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
         need(self.aggregation in AGGREGATIONS, "aggregation", " or ".join(AGGREGATIONS))
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES))
         need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))

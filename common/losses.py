@@ -9,6 +9,7 @@ Shapes: logits ``B, C, H, W, D`` with ``C = NUM_CLASSES`` (4), labels ``B, 1, H,
   class axis, averaged over voxels and batch (Hinton et al., 2015).
 * :func:`feature_kd_loss`: mean squared error or ``1 - cosine similarity`` (channel axis)
   between projected student features and teacher features, averaged over taps.
+* :func:`teacher_correct_mask`: where the teacher's class is the label's (optional logit KD mask).
 * :class:`DistillationLoss`: the weighted sum of the three.
 
 The teacher side is always detached: no gradient reaches a teacher through these losses.
@@ -32,6 +33,7 @@ __all__ = [
     "feature_kd_loss",
     "logit_kd_loss",
     "supervised_loss",
+    "teacher_correct_mask",
 ]
 
 FEATURE_KINDS: tuple[str, ...] = ("mse", "cosine")
@@ -203,6 +205,17 @@ def _check_weight(name: str, value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def teacher_correct_mask(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``B, 1, H, W, D`` bool: voxels where the teacher's most likely class is the label.
+
+    Used as ``kd_mask`` (run setting ``kd-mask = "teacher-correct"``): the student then copies
+    the teacher's soft output only where the teacher is right, and learns the rest from the
+    labels alone.
+    """
+    labels = _as_label_map(labels, teacher_logits)
+    return teacher_logits.detach().argmax(1, keepdim=True) == labels.round().long()
 
 
 class DistillationLoss(nn.Module):

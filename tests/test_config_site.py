@@ -34,6 +34,7 @@ def test_preset_then_overrides():
     ({"patch-size": 30}, "patch-size: expected a multiple of 8"),
     ({"num-rounds": 2.5}, "expected an integer"),
     ({"student-model": "studnt-cpu"}, "student-model"),
+    ({"kd-mask": "confident"}, "kd-mask: expected none or teacher-correct"),
 ])
 def test_bad_settings_are_named(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,6 +13,7 @@ from common.losses import (
     feature_kd_loss,
     logit_kd_loss,
     supervised_loss,
+    teacher_correct_mask,
 )
 
 
@@ -166,6 +167,24 @@ def test_supervised_dice_is_batch_dice_over_tumour_classes():
     logits[1, :, 1, 1, 0] = torch.tensor([0.0, 0.0, 0.0, 50.0])
     dice_only = SupervisedLoss(lambda_ce=0.0)(logits, labels).item()
     assert dice_only == pytest.approx(0.2 / 3, abs=1e-4)
+
+
+def test_teacher_correct_mask_limits_logit_kd_to_right_voxels():
+    labels = torch.tensor([0, 1, 2, 3]).reshape(1, 1, 2, 2, 1)
+    teacher = torch.zeros(1, 4, 2, 2, 1)
+    teacher[0, 0, 0, 0, 0] = 5.0  # voxel 0: background, right
+    teacher[0, 2, 0, 1, 0] = 5.0  # voxel 1: SNFH, label NETC -> wrong
+    teacher[0, 2, 1, 0, 0] = 5.0  # voxel 2: SNFH, right
+    teacher[0, 1, 1, 1, 0] = 5.0  # voxel 3: NETC, label ET -> wrong
+    mask = teacher_correct_mask(teacher, labels)
+    assert mask.shape == (1, 1, 2, 2, 1)
+    assert mask.flatten().tolist() == [True, False, True, False]
+    # the masked KD term ignores the wrong voxels: a student equal to the teacher on the right
+    # voxels and anything elsewhere has zero masked loss
+    student = teacher.clone()
+    student[0, :, 0, 1, 0] = torch.tensor([9.0, 0.0, 0.0, 0.0])
+    assert logit_kd_loss(student, teacher, 2.0, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert logit_kd_loss(student, teacher, 2.0).item() > 0.1
 
 
 # ---------------------------------------------------------------------------- combined

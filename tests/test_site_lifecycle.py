@@ -200,3 +200,14 @@ def test_labels_only_round_needs_no_teacher(data_root, tmp_path):
     assert not (site.work_dir / PROJECTOR_FILE).exists()
     assert metrics["logit"] == 0 and metrics["feature"] == 0 and metrics["supervised"] > 0
     assert any(not torch.equal(state[k], v) for k, v in start.items())
+
+
+def test_teacher_correct_kd_mask_changes_the_logit_term(data_root, tmp_path):
+    site = _site(data_root, tmp_path)
+    train_teacher(site, RUN)
+    start = new_student(RUN).net.state_dict()
+    _, plain = distill_round(site, RUN, start, server_round=1)
+    masked_run = dataclasses.replace(RUN, kd_mask="teacher-correct")
+    _, masked = distill_round(site, masked_run, start, server_round=1)
+    assert masked["supervised"] > 0 and masked["logit"] >= 0
+    assert masked["logit"] != pytest.approx(plain["logit"], rel=1e-3)
