@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,8 +161,16 @@ def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
 
 
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
-                   device: torch.device, drop: tuple[str, ...] = ()) -> dict:
-    """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts."""
+                   device: torch.device, drop: Sequence[str] = (),
+                   score: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
+    """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts.
+
+    ``score(pred, gt)`` gives one case's ``{region: {metric: value}}``; by default all the
+    metrics of :func:`~common.metrics.evaluate_case` for the site's population.
+    """
+    if score is None:
+        def score(pred: np.ndarray, gt: np.ndarray) -> dict:
+            return evaluate_case(pred, gt, (run.spacing,) * 3, site.population)
     per_case = []
     for i in range(len(val_ds)):
         item = val_ds[i]
@@ -171,7 +179,7 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
             image[CONTRASTS.index(c)] = 0
         pred = predict_volume(model, image, run, device).numpy().astype(np.uint8)
         gt = item[LABEL].as_tensor()[0].numpy().astype(np.uint8)
-        per_case.append(evaluate_case(pred, gt, (run.spacing,) * 3, site.population))
+        per_case.append(score(pred, gt))
     return mean_metrics(per_case)
 
 

@@ -393,6 +393,7 @@ def run_seed(settings: QualitySettings, seed: int, train_root: Path, tests: Mapp
     import torch
 
     from client.site import (
+        distill_round,
         evaluate_model,
         load_site_data,
         load_teacher,
@@ -478,7 +479,7 @@ def run_seed(settings: QualitySettings, seed: int, train_root: Path, tests: Mapp
             weights = equal
         with timed(method):
             state, _ = federated(vsites, vrun,
-                                 lambda s, st, r, vrun=vrun: distill_round_state(s, vrun, st, r),
+                                 lambda s, st, r, vrun=vrun: distill_round(s, vrun, st, r)[0],
                                  weights)
         with timed("evaluation"):
             model = _student(run, state, device)
@@ -497,39 +498,16 @@ def run_seed(settings: QualitySettings, seed: int, train_root: Path, tests: Mapp
     return out
 
 
-def _dice(pred, gt) -> float:
-    """Dice of two boolean masks; both empty: 1 (as ``common.metrics``)."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
-
-
 def dice_only(model, test: TestSet, run: RunConfig, device, drop: Sequence[str] = ()) -> dict:
-    """Mean WT/TC/ET Dice over the test cases with the contrasts ``drop`` zero-filled (what
-    ``evaluate_model`` does with ``drop``, Dice only: no distances, faster)."""
-    from client.site import predict_volume
-    from common.contract import region_masks
-    from common.scores import mean_metrics
-    from common.transforms import IMAGE, LABEL
+    """Mean WT/TC/ET Dice over the test cases with the contrasts ``drop`` zero-filled
+    (``evaluate_model`` with Dice only: no distances, faster)."""
+    from client.site import evaluate_model
+    from common.explain import dice_per_region
 
-    per_case = []
-    for i in range(len(test.dataset)):
-        item = test.dataset[i]
-        image = item[IMAGE].as_tensor().clone()
-        for c in drop:
-            image[CONTRASTS.index(c)] = 0
-        pred = predict_volume(model, image, run, device).numpy()
-        gt = item[LABEL].as_tensor()[0].numpy()
-        per_case.append({r: {"dice": _dice(region_masks(pred, r), region_masks(gt, r))}
-                         for r in REGIONS})
-    return mean_metrics(per_case)
+    def dice(pred, gt) -> dict:
+        return {r: {"dice": d} for r, d in dice_per_region(pred, gt).items()}
 
-
-def distill_round_state(site: SiteConfig, run: RunConfig, state: Mapping[str, torch.Tensor],
-                        server_round: int) -> dict[str, torch.Tensor]:
-    from client.site import distill_round
-
-    new_state, _ = distill_round(site, run, state, server_round)
-    return new_state
+    return evaluate_model(model, test.dataset, test.site, run, device, drop, score=dice)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,17 +39,17 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from simulation.run import free_port, poll_health, project_dir
 
 DEFAULT_NAME = "fedbrats"
 """The connection name in config.toml (``flwr run . fedbrats``)."""
@@ -59,19 +59,6 @@ ENV_MARKER = "FEDBRATS_PROCESS"
 
 class DeployError(RuntimeError):
     """A federation process failed to start, or a wait ran out."""
-
-
-def project_dir() -> Path:
-    """The fedbrats source checkout (the Flower app ``flwr run`` ships)."""
-    from simulation.run import project_dir as _project_dir
-
-    return _project_dir()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toml_value(v: Any) -> str:
@@ -464,19 +451,12 @@ class LocalFederation:
     def wait_healthy(self, proc: subprocess.Popen | None = None) -> None:
         proc = proc or self.procs["superlink"]
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DeployError(f"flower-superlink exited ({proc.returncode}):\n"
-                                  f"{self.log_of('superlink')[-3000:]}")
-            try:
-                url = f"https://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=2, context=context) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
+        url = f"https://127.0.0.1:{self.port}/health"
+        if poll_health(url, proc, self.startup_timeout, context, request_timeout=2):
+            return
+        if proc.poll() is not None:
+            raise DeployError(f"flower-superlink exited ({proc.returncode}):\n"
+                              f"{self.log_of('superlink')[-3000:]}")
         raise DeployError(f"SuperLink not healthy after {self.startup_timeout:.0f} s")
 
     def register(self, site: str) -> int:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ def project_dir() -> Path:
     return root
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,20 +64,31 @@ class SimulationResult:
     seconds: float
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0):
+def poll_health(url: str, proc: subprocess.Popen, timeout: float,
+                context: ssl.SSLContext | None = None, request_timeout: float = 0.5) -> bool:
+    """Poll a SuperLink's ``url`` (``.../health``) until it answers 200: True; False as soon as
+    ``proc`` has exited or when ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SimulationError(
-                f"flower-superlink exited with code {proc.returncode}; see {log_file}"
-            )
+            return False
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(url, timeout=request_timeout, context=context) as r:
                 if r.status == 200:
-                    return
+                    return True
         except OSError:
             pass
         time.sleep(0.3)
+    return False
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0):
+    if poll_health(f"http://127.0.0.1:{port}/health", proc, timeout):
+        return
+    if proc.poll() is not None:
+        raise SimulationError(
+            f"flower-superlink exited with code {proc.returncode}; see {log_file}"
+        )
     raise SimulationError(f"flower-superlink not healthy after {timeout:.0f} s; see {log_file}")
 
 
@@ -115,7 +128,7 @@ def run_simulation(
     superlink_exe = shutil.which("flower-superlink", path=str(bin_dir)) or "flower-superlink"
     flwr_exe = shutil.which("flwr", path=str(bin_dir)) or "flwr"
 
-    http_port = _free_port()
+    http_port = free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedbrats-sim"\n\n'
         f'[superlink.fedbrats-sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
