@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulation.run import free_port, poll_health, project_dir
+from simulation.run import config_string, free_port, poll_health, project_dir
 
 DEFAULT_NAME = "fedbrats"
 """The connection name in config.toml (``flwr run . fedbrats``)."""
@@ -59,22 +59,6 @@ ENV_MARKER = "FEDBRATS_PROCESS"
 
 class DeployError(RuntimeError):
     """A federation process failed to start, or a wait ran out."""
-
-
-def toml_value(v: Any) -> str:
-    """A value for ``flwr run -c`` and ``--node-config`` (TOML; strings single-quoted)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    text = str(v)
-    if "'" in text or "\n" in text:
-        raise ValueError(f"{text!r}: a value may not contain a single quote or a newline")
-    return f"'{text}'"
-
-
-def config_string(values: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 # --------------------------------------------------------------------------------------------

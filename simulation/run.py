@@ -48,12 +48,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A value for ``flwr run -c`` and ``--node-config`` (TOML; strings single-quoted)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    return "'" + str(v).replace("'", "") + "'"
+    text = str(v)
+    if "'" in text or "\n" in text:
+        raise ValueError(f"{text!r}: a value may not contain a single quote or a newline")
+    return f"'{text}'"
+
+
+def config_string(values: Mapping[str, Any]) -> str:
+    """``key=value`` pairs for ``flwr run -c`` / ``--node-config``."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 @dataclass
@@ -151,6 +160,8 @@ def run_simulation(
         "num-sites": num_sites,
         **(overrides or {}),
     }
+    run_args = config_string(run_config)  # a bad value fails here, before any process starts
+
     def num(x: float) -> int | float:
         return int(x) if float(x).is_integer() else float(x)
 
@@ -177,7 +188,7 @@ def run_simulation(
         _wait_healthy(http_port, superlink, log_file)
         # --stream makes `flwr run` wait for the run to end; without it it returns at once.
         cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
-               "-c", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
+               "-c", run_args,
                "--stream"]
         with (out / "flwr-run.log").open("a") as run_log:
             proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
@@ -195,13 +206,6 @@ def run_simulation(
 def _run(args) -> int:
     from common.contract import POPULATIONS
 
-    data = Path(args.data)
-    if not data.exists() or not any(data.iterdir()):
-        from simulation.phantoms import case_counts, write_dataset
-
-        print(f"no data in {data}: generating the five-population phantom set")
-        counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
-        write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
     overrides: dict[str, Any] = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
@@ -209,10 +213,25 @@ def _run(args) -> int:
             print(f"--set expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         overrides[key.strip()] = value.strip()
+    from common.config import load_run_config
+
+    try:  # a bad setting fails here, before data are generated or a process starts
+        config_string(overrides)
+        load_run_config({"preset": args.preset, **overrides})
+    except ValueError as e:  # ConfigError is one
+        print(f"--set: {e}", file=sys.stderr)
+        return 2
     sites = args.sites
     if not 2 <= sites <= len(POPULATIONS):
         print(f"--sites must be 2 to {len(POPULATIONS)}, got {sites}", file=sys.stderr)
         return 2
+    data = Path(args.data)
+    if not data.exists() or not any(data.iterdir()):
+        from simulation.phantoms import case_counts, write_dataset
+
+        print(f"no data in {data}: generating the five-population phantom set")
+        counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
+        write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
     result = run_simulation(args.out, data, num_sites=sites, preset=args.preset,
                             overrides=overrides, cpus_per_site=args.cpus_per_site,
                             gpus_per_site=args.gpus_per_site)

@@ -57,3 +57,20 @@ def test_verify_data_exit_codes(tmp_path, brats2023_site, capsys):
     assert "UNUSABLE" in out and "--labels brats2023" in out
     assert main(["verify-data", str(tmp_path / "missing")]) == 2
     assert "site folder not found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("num-round=3", "did you mean 'num-rounds'"),
+        ("num-rounds=x", "expected a number, got 'x'"),
+        ("output-dir=it's", "may not contain a single quote"),
+        ("num-rounds", "expects KEY=VALUE"),
+    ],
+)
+def test_simulate_refuses_a_bad_setting_before_generating_data(tmp_path, capsys, setting, message):
+    data, out = tmp_path / "data", tmp_path / "run"
+    code = main(["simulate", "--data", str(data), "--out", str(out), "--set", setting])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not data.exists() and not out.exists()
