@@ -33,7 +33,14 @@ from common.losses import DistillationLoss, SupervisedLoss, teacher_correct_mask
 from common.metrics import evaluate_case
 from common.models import FeatureProjector, TappedModel, build_projector, resolve_spec
 from common.scores import mean_metrics
-from common.transforms import IMAGE, LABEL, build_dataset
+from common.transforms import (
+    IMAGE,
+    INPUT_LABEL,
+    LABEL,
+    build_dataset,
+    normalise_probabilities,
+    to_input_grid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +157,21 @@ def _seed(*parts: object) -> int:
 
 def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
                    device: torch.device) -> torch.Tensor:
-    """Labels ``H, W, D`` for a ``C, H, W, D`` image by MONAI sliding-window inference."""
+    """Class probabilities ``K, H, W, D`` (on the CPU) for a ``C, H, W, D`` image by MONAI
+    sliding-window inference (Gaussian blending of the windows' logits, then softmax)."""
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, enabled=run.amp and device.type == "cuda"):
         logits = sliding_window_inference(
             image[None].to(device), roi_size=(run.patch_size,) * 3, sw_batch_size=2,
             predictor=lambda x: model(x)[0], overlap=run.sw_overlap, mode="gaussian",
         )
-    return logits.argmax(1)[0].cpu()
+    return torch.softmax(logits.float(), dim=1)[0].cpu()
+
+
+def voxel_spacing(affine: torch.Tensor | np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis of a 4x4 affine."""
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
@@ -165,21 +179,33 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
                    score: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
     """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts.
 
+    Each case is segmented on the model grid and scored on its own grid, as BraTS scores: the
+    class probabilities go back through the inverse of the preprocessing (trilinear), their
+    argmax is compared with the label as the site's file has it (``val_ds`` is an evaluation
+    dataset of :func:`~common.transforms.build_dataset`, whose items keep that label).
+
     ``score(pred, gt)`` gives one case's ``{region: {metric: value}}``; by default all the
     metrics of :func:`~common.metrics.evaluate_case` for the site's population.
     """
-    if score is None:
-        def score(pred: np.ndarray, gt: np.ndarray) -> dict:
-            return evaluate_case(pred, gt, (run.spacing,) * 3, site.population)
     per_case = []
     for i in range(len(val_ds)):
         item = val_ds[i]
+        if INPUT_LABEL not in item:
+            raise ValueError(f"case {item.get('case_id')}: no {INPUT_LABEL!r}; evaluation needs "
+                             "a dataset built without a patch size")
         image = item[IMAGE].as_tensor().clone()
         for c in drop:
             image[CONTRASTS.index(c)] = 0
-        pred = predict_volume(model, image, run, device).numpy().astype(np.uint8)
-        gt = item[LABEL].as_tensor()[0].numpy().astype(np.uint8)
-        per_case.append(score(pred, gt))
+        probs = predict_volume(model, image, run, device)
+        back = normalise_probabilities(to_input_grid(probs, item[IMAGE], val_ds.transform))
+        pred = back.argmax(axis=0).astype(np.uint8)
+        label = item[INPUT_LABEL]
+        gt = label.as_tensor()[0].numpy().astype(np.uint8)
+        if score is None:
+            per_case.append(evaluate_case(pred, gt, voxel_spacing(label.affine),
+                                          site.population))
+        else:
+            per_case.append(score(pred, gt))
     return mean_metrics(per_case)
 
 

@@ -296,36 +296,18 @@ def to_input_grid(prepared: PreparedCase, volume: torch.Tensor) -> np.ndarray:
     """Resample ``K, h, w, d`` model-grid channels onto the input's grid: ``K, H, W, D`` float32.
 
     MONAI's ``Invertd`` undoes the preprocessing in reverse order (resampling back trilinearly,
-    padding the crop with zeros, reorienting to the file's axes).
+    padding the crop with zeros, reorienting to the file's axes); see
+    :func:`common.transforms.to_input_grid`.
     """
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Invertd
+    from common.transforms import to_input_grid as invert
 
-    from common.transforms import IMAGE
-
-    invert = Invertd(keys="pred", transform=prepared.transform, orig_keys=IMAGE,
-                     nearest_interp=False)
-    # a MetaTensor, so that Invertd takes the record of the preprocessing from the image
-    pred = MetaTensor(torch.as_tensor(volume).detach().float().cpu())
-    out = invert({IMAGE: prepared.image, "pred": pred})["pred"]
-    arr = np.asarray(torch.as_tensor(out).numpy(), dtype=np.float32)
+    arr = invert(volume, prepared.image, prepared.transform)
     if tuple(arr.shape[1:]) != prepared.shape:
         raise RuntimeError(
             f"case {prepared.case.case_id}: resampled back to shape {tuple(arr.shape[1:])}, "
             f"expected the input's {prepared.shape}"
         )
     return arr
-
-
-def _normalise(probs: np.ndarray) -> np.ndarray:
-    """Probabilities summing to 1 per voxel; voxels outside the brain crop (all zero after the
-    inverse crop) become certain background."""
-    total = probs.sum(axis=0)
-    outside = total <= 1e-6
-    probs = probs / np.where(outside, 1.0, total)[None]
-    probs[0][outside] = 1.0
-    return probs
 
 
 def predictive_entropy(probs: np.ndarray) -> np.ndarray:
@@ -379,6 +361,8 @@ def predict_case(
         )
     import torch
 
+    from common.transforms import normalise_probabilities
+
     prep = prepared if prepared is not None else prepare_case(student, case)
     if prep.missing:
         log.debug("case %s: no %s; zero-filled after normalisation", case.case_id,
@@ -386,7 +370,7 @@ def predict_case(
     probs, var = class_probabilities(student, prep.image, overlap, drop, tta=uncertainty == "tta")
     stacked = probs if var is None else torch.cat([probs, var[None]], dim=0)
     back = to_input_grid(prep, stacked)
-    probs_in = _normalise(back[: probs.shape[0]])
+    probs_in = normalise_probabilities(back[: probs.shape[0]])
     labels = probs_in.argmax(axis=0).astype(np.uint8)
     report = None
     if apply_postprocess:

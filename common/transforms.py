@@ -17,7 +17,9 @@ Training adds, after the cache: ``SpatialPadd`` to the patch size, ``RandCropByP
 intensity scaling and shifts.
 
 ``CacheDataset`` keeps the output of steps 1-5 in memory, so epochs after the first do not read
-NIfTI files again.
+NIfTI files again. An evaluation dataset (no patch size) also keeps ``label_input``
+(:data:`INPUT_LABEL`): the label on the case's own grid, copied before step 2, against which
+predictions brought back to that grid (:func:`to_input_grid`) are scored.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     CropForegroundd,
+    Invertd,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -45,6 +49,8 @@ from common.data import Case, DataError, load_case
 from common.labels import DEFAULT_CONVENTION
 
 IMAGE, LABEL = "image", "label"
+INPUT_LABEL = "label_input"
+"""Key of the label on the case's own grid (evaluation datasets only)."""
 
 
 class LoadCased(MapTransform):
@@ -140,11 +146,14 @@ def build_dataset(
     """A cached MONAI dataset over ``cases``; training crops when ``patch_size`` is given.
 
     Every case is read, checked and preprocessed once, when the dataset is built; a case that
-    fails a check raises :class:`~common.data.DataError` naming it.
+    fails a check raises :class:`~common.data.DataError` naming it. Without ``patch_size`` (an
+    evaluation dataset) each item also carries :data:`INPUT_LABEL`.
     """
     steps = preprocessing(spacing, convention, require_seg=require_seg)
     if patch_size is not None:
         steps += augmentation(patch_size)
+    else:
+        steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
     try:
         return CacheDataset(
             data=[{"case": c} for c in cases],
@@ -160,6 +169,31 @@ def build_dataset(
         if cause is None:
             raise
         raise cause from None
+
+
+def to_input_grid(volume: torch.Tensor, image: MetaTensor, transform: Compose) -> np.ndarray:
+    """Bring ``K, h, w, d`` channels on the model grid back to the grid of the case's files.
+
+    ``image`` is the preprocessed image, whose record of the steps (``applied_operations``)
+    MONAI's ``Invertd`` undoes in reverse order with ``transform``'s invertible steps: the
+    resampling (trilinear), the crop (zero padding), the reorientation. Returns ``K, H, W, D``
+    float32.
+    """
+    invert = Invertd(keys="pred", transform=transform, orig_keys=IMAGE, nearest_interp=False)
+    # a MetaTensor, so that Invertd takes the record of the preprocessing from the image
+    pred = MetaTensor(torch.as_tensor(volume).detach().float().cpu())
+    out = invert({IMAGE: image, "pred": pred})["pred"]
+    return np.asarray(torch.as_tensor(out).numpy(), dtype=np.float32)
+
+
+def normalise_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Probabilities summing to 1 per voxel; voxels outside the brain crop (all zero after the
+    inverse crop) become certain background."""
+    total = probs.sum(axis=0)
+    outside = total <= 1e-6
+    probs = probs / np.where(outside, 1.0, total)[None]
+    probs[0][outside] = 1.0
+    return probs
 
 
 def first_sample(item) -> dict:

@@ -789,7 +789,8 @@ def write_report(settings: QualitySettings, results: Sequence[Mapping], out_dir:
         f"- **Test**: {settings.test_cases} held-out cases per population, generated with "
         f"another phantom seed ({settings.test_seed}): other brains, other tumours; no training "
         "or validation step sees them. Scores are the mean over a population's test cases "
-        "(`evaluate_model`: MONAI sliding-window inference, then `common.metrics.evaluate_case`).",
+        "(`evaluate_model`: MONAI sliding-window inference, the probabilities brought back to "
+        "the case's own grid, then `common.metrics.evaluate_case` against its label file).",
         f"- **Grid and networks**: {settings.spacing:g} mm, crops {settings.patch_size}^3, "
         f"batch {settings.batch_size}; teachers `{settings.teacher_model}`, students "
         f"`{settings.student_model}`; otherwise the cpu-demo run settings (student-lr 3e-3 "

@@ -16,12 +16,16 @@ from client.site import (
     TEACHER_FILE,
     SiteError,
     distill_round,
+    evaluate_model,
     evaluate_site,
+    load_site_data,
     load_teacher,
     new_student,
     train_teacher,
 )
 from common.config import PRESETS, RunConfig, SiteConfig
+from common.labels import to_internal
+from common.metrics import evaluate_case
 from server.state import RunFolder
 from simulation.phantoms import write_dataset
 
@@ -132,6 +136,31 @@ def test_distill_round_updates_the_student_and_keeps_the_projector_at_the_site(d
     scores = evaluate_site(site, RUN, state, with_teacher=True)
     assert scores["num_val"] == 1 and scores["teacher"] is not None
     assert set(scores["student"]) == {"WT", "TC", "ET"}
+
+
+def test_evaluation_scores_on_the_grid_of_the_site_files(data_root, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    site = _site(data_root, tmp_path)
+    assert RUN.spacing != 2.0  # the files' voxels are 2 mm: the model grid differs
+    data = load_site_data(site, RUN)
+    seen = []
+
+    def record(pred, gt):
+        seen.append((pred, gt))
+        return {"WT": {"dice": 0.5}}
+
+    model = new_student(RUN)
+    evaluate_model(model, data.val_ds, site, RUN, torch.device("cpu"), score=record)
+    [(pred, gt)] = seen
+    seg = nib.load(data.val_cases[0].seg)
+    assert pred.shape == gt.shape == seg.shape
+    assert np.array_equal(gt, to_internal(np.asarray(seg.dataobj), "brats2023"))
+    # the default scores are evaluate_case on that grid, with the files' voxel size
+    zooms = tuple(float(z) for z in seg.header.get_zooms())
+    scores = evaluate_model(model, data.val_ds, site, RUN, torch.device("cpu"))
+    assert scores == evaluate_case(pred, gt, zooms, "MET")
 
 
 def test_fedprox_term_keeps_the_update_closer_to_the_global_student(data_root, tmp_path):

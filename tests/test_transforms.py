@@ -6,7 +6,17 @@ import torch
 from conftest import make_volume, save_nifti
 
 from common.data import discover_cases
-from common.transforms import IMAGE, LABEL, Compose, build_dataset, first_sample, preprocessing
+from common.transforms import (
+    IMAGE,
+    INPUT_LABEL,
+    LABEL,
+    Compose,
+    build_dataset,
+    first_sample,
+    normalise_probabilities,
+    preprocessing,
+    to_input_grid,
+)
 
 
 def _lps_anisotropic_case(tmp_path, missing=()):
@@ -106,3 +116,33 @@ def test_bad_case_in_dataset_names_the_case(brats2023_site):
     save_nifti(cases[1].images["t1c"], np.zeros((24, 20, 16), np.int16))
     with pytest.raises(Exception, match="BraTS-GLI-00001-000, t1c file.*empty image"):
         build_dataset(cases, spacing=None)
+
+
+def _back_to_input_grid(ds, i: int) -> np.ndarray:
+    """The cached model-grid label as one-hot probabilities, brought back to the file's grid."""
+    item = ds[i]
+    onehot = torch.nn.functional.one_hot(item[LABEL][0].long(), 4).permute(3, 0, 1, 2).float()
+    return normalise_probabilities(to_input_grid(onehot, item[IMAGE], ds.transform)).argmax(0)
+
+
+def test_evaluation_items_keep_the_label_on_the_file_grid(tmp_path):
+    case, _, seg = _lps_anisotropic_case(tmp_path)
+    item = build_dataset([case], spacing=(2.0, 2.0, 2.0))[0]
+    assert np.array_equal(item[INPUT_LABEL][0].numpy(), seg)  # as stored: LPS, 1 x 1 x 2 mm
+    assert np.allclose(np.asarray(item[INPUT_LABEL].affine)[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+    training = first_sample(build_dataset([case], spacing=(2.0, 2.0, 2.0), patch_size=(8,) * 3)[0])
+    assert INPUT_LABEL not in training
+
+
+def test_to_input_grid_undoes_reorientation_crop_and_resampling(tmp_path):
+    case, _, seg = _lps_anisotropic_case(tmp_path)
+    # same grid: only the reorientation (LPS -> RAS) and the brain crop to undo, exactly
+    back = _back_to_input_grid(build_dataset([case], spacing=None), 0)
+    assert back.shape == seg.shape
+    assert np.array_equal(back, seg)
+    # a 3 mm model grid: back on the 1 x 1 x 2 mm grid, close to the label but not equal
+    back = _back_to_input_grid(build_dataset([case], spacing=(3.0, 3.0, 3.0)), 0)
+    assert back.shape == seg.shape
+    wt_back, wt = back > 0, seg > 0
+    dice = 2 * (wt_back & wt).sum() / (wt_back.sum() + wt.sum())
+    assert 0.8 < dice < 1.0
