@@ -143,23 +143,25 @@ def test_evaluation_scores_on_the_grid_of_the_site_files(data_root, tmp_path):
     import numpy as np
 
     site = _site(data_root, tmp_path)
-    assert RUN.spacing != 2.0  # the files' voxels are 2 mm: the model grid differs
-    data = load_site_data(site, RUN)
+    run = dataclasses.replace(RUN, spacing=6.0)  # the files' voxels are 4 mm: another grid
+    data = load_site_data(site, run)
     seen = []
 
     def record(pred, gt):
         seen.append((pred, gt))
         return {"WT": {"dice": 0.5}}
 
-    model = new_student(RUN)
-    evaluate_model(model, data.val_ds, site, RUN, torch.device("cpu"), score=record)
+    model = new_student(run)
+    evaluate_model(model, data.val_ds, site, run, torch.device("cpu"), score=record)
     [(pred, gt)] = seen
     seg = nib.load(data.val_cases[0].seg)
     assert pred.shape == gt.shape == seg.shape
     assert np.array_equal(gt, to_internal(np.asarray(seg.dataobj), "brats2023"))
     # the default scores are evaluate_case on that grid, with the files' voxel size
     zooms = tuple(float(z) for z in seg.header.get_zooms())
-    scores = evaluate_model(model, data.val_ds, site, RUN, torch.device("cpu"))
+    assert zooms == (4.0, 4.0, 4.0)
+    assert tuple(data.val_ds[0]["image"].shape[1:]) != seg.shape  # the model grid is coarser
+    scores = evaluate_model(model, data.val_ds, site, run, torch.device("cpu"))
     assert scores == evaluate_case(pred, gt, zooms, "MET")
 
 
