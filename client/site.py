@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 
 from common.config import RunConfig, SiteConfig
 from common.contract import CONTRASTS
-from common.data import Case, check_site, discover_cases
+from common.data import Case, check_site, discover_cases, voxel_spacing
 from common.files import save_atomic
 from common.losses import DistillationLoss, SupervisedLoss, teacher_correct_mask
 from common.metrics import evaluate_case
@@ -166,12 +166,6 @@ def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
             predictor=lambda x: model(x)[0], overlap=run.sw_overlap, mode="gaussian",
         )
     return torch.softmax(logits.float(), dim=1)[0].cpu()
-
-
-def voxel_spacing(affine: torch.Tensor | np.ndarray) -> tuple[float, float, float]:
-    """Voxel size (mm) along each array axis of a 4x4 affine."""
-    a = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,

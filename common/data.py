@@ -48,6 +48,13 @@ _RE_POPULATION = re.compile(r"BraTS-(?P<pop>GLI|SSA|PED|MEN|MET)\b", re.IGNORECA
 AFFINE_TOLERANCE_MM = 1e-3
 
 
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis of a 4x4 voxel-to-world affine (array or tensor)."""
+    a = np.asarray(affine, dtype=np.float64)
+    x, y, z = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    return float(x), float(y), float(z)
+
+
 class DataError(ValueError):
     """A case or a site folder does not meet the data contract."""
 
@@ -93,7 +100,7 @@ class LoadedCase:
 
     @property
     def spacing(self) -> tuple[float, ...]:
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return voxel_spacing(self.affine)
 
 
 @dataclass
@@ -308,9 +315,7 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
             ref_key, ref_shape, ref_affine = key, tuple(data.shape), affine
             image = np.zeros((len(CONTRASTS), *ref_shape), dtype=np.float32)
             report.shape = ref_shape
-            report.spacing = tuple(
-                round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            )
+            report.spacing = tuple(round(s, 4) for s in voxel_spacing(affine))
         elif tuple(data.shape) != ref_shape:
             problems.append(
                 f"{where}: shape {tuple(data.shape)} differs from {ref_key}'s {ref_shape}"

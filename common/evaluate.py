@@ -286,7 +286,7 @@ def evaluate_pair(
     import numpy as np
 
     from common.contract import region_masks
-    from common.data import AFFINE_TOLERANCE_MM
+    from common.data import AFFINE_TOLERANCE_MM, voxel_spacing
     from common.labels import LabelError, to_internal
     from common.metrics import evaluate_case
 
@@ -318,7 +318,7 @@ def evaluate_pair(
     except LabelError as e:
         raise EvaluationError(str(e).replace("(pass --labels ", "(pass --pred-labels ")) from None
 
-    spacing = tuple(float(s) for s in np.sqrt((gt_affine[:3, :3] ** 2).sum(axis=0)))
+    spacing = voxel_spacing(gt_affine)
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
     scores = evaluate_case(pred, gt, spacing, challenge)
     out: dict[str, dict[str, float | int]] = {}

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.contract import CONTRASTS, REGIONS, region_masks
-from common.data import Case
+from common.data import Case, voxel_spacing
 from common.labels import CONVENTIONS, DEFAULT_CONVENTION
 from common.modelfile import PostprocessThresholds, Student
 
@@ -202,8 +202,7 @@ class PreparedCase:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        x, y, z = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        return float(x), float(y), float(z)
+        return voxel_spacing(self.affine)
 
     @property
     def missing(self) -> tuple[str, ...]:
