@@ -24,6 +24,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from common.certs import CertsError, make_consortium, parse_hosts, parse_sites
 from common.cli import main
+from simulation.run import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -196,12 +197,6 @@ def test_cli(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
@@ -239,7 +234,7 @@ def _read_all(sock: socket.socket) -> bytes:
 def test_superlink_serves_tls_and_authenticates_registered_sites(tmp_path):
     files = make_consortium(tmp_path / "pki", sites="GLI,MET")
     other = make_consortium(tmp_path / "other", sites="GLI")  # another consortium's CA
-    port = _free_port()
+    port = free_port()
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
@@ -322,13 +317,13 @@ def test_superlink_serves_tls_and_authenticates_registered_sites(tmp_path):
             "supernode-gli",
             str(BIN / "flower-supernode"), *common,
             "--auth-supernode-private-key", str(gli.private_key),
-            "--isolation", "process", "--port", str(_free_port()),
+            "--isolation", "process", "--port", str(free_port()),
         )  # fmt: skip
         node_met = start(
             "supernode-met",
             str(BIN / "flower-supernode"), *common,
             "--auth-supernode-private-key", str(met.private_key),
-            "--isolation", "process", "--port", str(_free_port()), "--max-retries", "1",
+            "--isolation", "process", "--port", str(free_port()), "--max-retries", "1",
         )  # fmt: skip
         deadline = time.monotonic() + 40
         while True:
