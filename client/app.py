@@ -188,7 +188,8 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         return refused
     run, site = _setup(context)
     student = msg.content["arrays"].to_torch_state_dict()
-    result = evaluate_site(site, run, student, with_teacher=True, missing_contrasts=True)
+    result = evaluate_site(site, run, student, with_teacher=True, missing_contrasts=True,
+                           tta=run.final_tta)
     record = MetricRecord({
         **flatten_scores(result["student"], "student"),
         **flatten_scores(result["teacher"], "teacher"),

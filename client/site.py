@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import DataLoader
-from monai.inferers import sliding_window_inference
 
 from common.config import RunConfig, SiteConfig
 from common.contract import CONTRASTS
 from common.data import Case, check_site, discover_cases, voxel_spacing
 from common.files import save_atomic
+from common.inference import sliding_window_softmax
 from common.losses import DistillationLoss, SupervisedLoss, teacher_correct_mask
 from common.metrics import evaluate_case
 from common.models import FeatureProjector, TappedModel, build_projector, resolve_spec
@@ -156,22 +156,23 @@ def _seed(*parts: object) -> int:
 
 
 def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, tta: bool = False) -> torch.Tensor:
     """Class probabilities ``K, H, W, D`` (on the CPU) for a ``C, H, W, D`` image by MONAI
-    sliding-window inference (Gaussian blending of the windows' logits, then softmax)."""
+    sliding-window inference (Gaussian blending of the windows' logits, then softmax); with
+    ``tta`` averaged over the 8 flipped copies (:mod:`common.inference`)."""
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, enabled=run.amp and device.type == "cuda"):
-        logits = sliding_window_inference(
-            image[None].to(device), roi_size=(run.patch_size,) * 3, sw_batch_size=2,
-            predictor=lambda x: model(x)[0], overlap=run.sw_overlap, mode="gaussian",
-        )
-    return torch.softmax(logits.float(), dim=1)[0].cpu()
+        probs, _ = sliding_window_softmax(lambda x: model(x)[0], image[None].to(device),
+                                          (run.patch_size,) * 3, run.sw_overlap, tta=tta)
+    return probs.cpu()
 
 
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
                    device: torch.device, drop: Sequence[str] = (),
-                   score: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
-    """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts.
+                   score: Callable[[np.ndarray, np.ndarray], dict] | None = None,
+                   tta: bool = False) -> dict:
+    """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts;
+    ``tta`` segments with the softmax averaged over the 8 flipped copies of each case.
 
     Each case is segmented on the model grid and scored on its own grid, as BraTS scores: the
     class probabilities go back through the inverse of the preprocessing (trilinear), their
@@ -190,7 +191,7 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
         image = item[IMAGE].as_tensor().clone()
         for c in drop:
             image[CONTRASTS.index(c)] = 0
-        probs = predict_volume(model, image, run, device)
+        probs = predict_volume(model, image, run, device, tta=tta)
         back = normalise_probabilities(to_input_grid(probs, item[IMAGE], val_ds.transform))
         pred = back.argmax(axis=0).astype(np.uint8)
         label = item[INPUT_LABEL]
@@ -433,8 +434,11 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
 
 
 def evaluate_site(site: SiteConfig, run: RunConfig, student_state: Mapping[str, torch.Tensor],
-                  with_teacher: bool = False, missing_contrasts: bool = False) -> dict:
-    """Scores of the student (and the teacher) on the site's validation cases.
+                  with_teacher: bool = False, missing_contrasts: bool = False,
+                  tta: bool = False) -> dict:
+    """Scores of the student (and the teacher) on the site's validation cases; with ``tta``
+    every model segments with flip test-time augmentation (the run's final evaluation does when
+    ``final-tta`` is on).
 
     Returns ``{"student": {region: {metric: value}}, "teacher": ... | None,
     "student_missing": {contrast: scores} | None, "num_val": n}``.
@@ -445,14 +449,14 @@ def evaluate_site(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     student.net.load_state_dict(student_state)
     student.to(device)
     out: dict = {"num_val": len(data.val_cases),
-                 "student": evaluate_model(student, data.val_ds, site, run, device),
+                 "student": evaluate_model(student, data.val_ds, site, run, device, tta=tta),
                  "teacher": None, "student_missing": None}
     if with_teacher:
         teacher = load_teacher(site, run, device)
-        out["teacher"] = evaluate_model(teacher, data.val_ds, site, run, device)
+        out["teacher"] = evaluate_model(teacher, data.val_ds, site, run, device, tta=tta)
     if missing_contrasts:
         out["student_missing"] = {
-            c: evaluate_model(student, data.val_ds, site, run, device, drop=(c,))
+            c: evaluate_model(student, data.val_ds, site, run, device, drop=(c,), tta=tta)
             for c in CONTRASTS
         }
     return out

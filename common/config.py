@@ -92,6 +92,10 @@ class RunConfig:
     late replies are dropped."""
     seed: int = 0
     sw_overlap: float = 0.25
+    final_tta: bool = True
+    """The final evaluation (student, teacher, missing contrasts) segments with flip test-time
+    augmentation: the softmax averaged over the 8 flipped copies of each case (8x the
+    inference). The per-round evaluations do not."""
     amp: bool = False
     device: str = "auto"
     keep_site_updates: bool = False
@@ -206,7 +210,7 @@ PRESETS: dict[str, RunConfig] = {
     "tiny": dataclasses.replace(
         _BASE, preset="tiny", teacher_model="teacher-tiny", student_model="student-tiny",
         spacing=4.0, patch_size=32, batch_size=1, teacher_epochs=1, teacher_steps_per_epoch=2,
-        num_rounds=2, local_steps=2, num_sites=3, output_dir="runs/tiny",
+        num_rounds=2, local_steps=2, num_sites=3, final_tta=False, output_dir="runs/tiny",
     ),
     # the default for `make demo`: five sites on two CPU cores within 15 minutes
     "cpu-demo": _BASE,

@@ -8,8 +8,8 @@ For every case (one case folder, a site folder, or a manifest CSV, as
 2. preprocess it with the training pipeline (``common.transforms.preprocessing``: RAS, crop to the
    brain, resample to the model's spacing, z-score);
 3. MONAI ``sliding_window_inference`` at the model's patch size (Gaussian blending); with
-   ``uncertainty="tta"``, over the input and its 7 flipped copies (every combination of flips
-   along the three axes), averaging the softmax;
+   ``tta`` or ``uncertainty="tta"``, over the input and its 7 flipped copies (every combination
+   of flips along the three axes), averaging the softmax (:mod:`common.inference`);
 4. bring the class probabilities back onto the input's grid with MONAI's ``Invertd`` (the inverse
    of the resampling, crop and reorientation; trilinear), then take the argmax;
 5. post-process (:func:`postprocess`, thresholds from the model file) and convert the labels to
@@ -236,11 +236,6 @@ def prepare_case(student: Student, case: Case) -> PreparedCase:
     )
 
 
-def _flip_sets() -> list[tuple[int, ...]]:
-    dims = (2, 3, 4)
-    return [tuple(d for i, d in enumerate(dims) if mask >> i & 1) for mask in range(8)]
-
-
 def class_probabilities(
     student: Student,
     image: torch.Tensor,
@@ -252,10 +247,12 @@ def class_probabilities(
 
     ``drop`` zeroes those contrasts first (the zero-filling of a missing contrast). With ``tta``
     the softmax is averaged over the 8 flip combinations, and their variance, averaged over the
-    classes (``h, w, d``), comes back too; otherwise the second value is None.
+    classes (``h, w, d``), comes back too; otherwise the second value is None
+    (:func:`common.inference.sliding_window_softmax`).
     """
     import torch
-    from monai.inferers import sliding_window_inference
+
+    from common.inference import sliding_window_softmax
 
     if not 0 <= overlap < 1:
         raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
@@ -267,28 +264,9 @@ def class_probabilities(
     x = x.detach().clone().float()
     for c in drop:
         x[CONTRASTS.index(c)] = 0
-    x = x[None].to(device)
-    flips = _flip_sets() if tta else [()]
-    total = sq = None
     with torch.no_grad():
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(
-                xi, roi_size=student.patch_size, sw_batch_size=2, predictor=student.network,
-                overlap=overlap, mode="gaussian", device=torch.device("cpu"),
-            )
-            logits = torch.as_tensor(logits).float()
-            if dims:
-                logits = torch.flip(logits, dims)
-            p = torch.softmax(logits, dim=1)[0]
-            total = p if total is None else total + p
-            sq = p * p if sq is None else sq + p * p
-    n = len(flips)
-    mean = total / n
-    if not tta:
-        return mean, None
-    var = (sq / n - mean * mean).clamp_min(0).mean(dim=0)
-    return mean, var
+        return sliding_window_softmax(student.network, x[None].to(device), student.patch_size,
+                                      overlap, tta=tta, stitch_device=torch.device("cpu"))
 
 
 def to_input_grid(prepared: PreparedCase, volume: torch.Tensor) -> np.ndarray:
@@ -347,11 +325,13 @@ def predict_case(
     overlap: float = DEFAULT_OVERLAP,
     drop: Sequence[str] = (),
     prepared: PreparedCase | None = None,
+    tta: bool = False,
 ) -> PredictResult:
     """Segment one case on its own voxel grid (see the module docstring for the steps).
 
     ``uncertainty``: None, ``"entropy"`` or ``"tta"``. ``drop`` removes contrasts on top of
     those the case lacks (zero-filled). ``prepared`` reuses a :func:`prepare_case` result.
+    ``tta`` (implied by ``uncertainty="tta"``) segments with the softmax averaged over the 8 flips.
     Raises :class:`~common.data.DataError` for a case that fails the data checks.
     """
     if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
@@ -366,7 +346,10 @@ def predict_case(
     if prep.missing:
         log.debug("case %s: no %s; zero-filled after normalisation", case.case_id,
                  ", ".join(prep.missing))
-    probs, var = class_probabilities(student, prep.image, overlap, drop, tta=uncertainty == "tta")
+    probs, var = class_probabilities(student, prep.image, overlap, drop,
+                                     tta=tta or uncertainty == "tta")
+    if uncertainty != "tta":
+        var = None
     stacked = probs if var is None else torch.cat([probs, var[None]], dim=0)
     back = to_input_grid(prep, stacked)
     probs_in = normalise_probabilities(back[: probs.shape[0]])
@@ -532,6 +515,9 @@ def register_predict(subparsers) -> argparse.ArgumentParser:
                    help="also write an uncertainty map: 'entropy' (predictive entropy of the "
                    "softmax) or 'tta' (variance over 8 flipped copies; 8x slower, and the "
                    "segmentation is then the flip-averaged one)")
+    p.add_argument("--tta", action="store_true",
+                   help="segment with the softmax averaged over the input and its 7 flipped "
+                   "copies (8x slower; what a run's final evaluation does with final-tta on)")
     p.add_argument("--overlay", action="store_true",
                    help="also write <case_id>_overlay.png (T1c and FLAIR with the segmentation)")
     p.add_argument("--device", choices=DEVICES, default="auto",
@@ -597,7 +583,8 @@ def run_predict(args: argparse.Namespace) -> int:
                        "(zero-filled after normalisation, as in training)", file=sys.stdout)
         try:
             result = predict_case(student, case, apply_postprocess=args.postprocess,
-                                  uncertainty=args.uncertainty, overlap=args.sw_overlap)
+                                  uncertainty=args.uncertainty, overlap=args.sw_overlap,
+                                  tta=getattr(args, "tta", False))
             written = write_outputs(result, out_dir, args.labels, overlay=args.overlay)
         except (DataError, LabelError) as e:
             failures.append(str(e))

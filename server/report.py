@@ -392,6 +392,15 @@ def _privacy_markdown(privacy: Any) -> list[str]:
     return out + [""]
 
 
+def _tta_note(config: Mapping) -> str:
+    tta = _config_value(config, "final_tta")
+    if tta is None:
+        return ""
+    return (" Both segment with flip test-time augmentation (softmax averaged over 8 flipped "
+            "copies; run setting final-tta)." if tta else " Single-pass segmentation (no test-time "
+            "augmentation).")
+
+
 def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
     config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
     phases = run.get("phase_seconds") if isinstance(run.get("phase_seconds"), Mapping) else {}
@@ -450,7 +459,8 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
     out += [
         "## Dice: teacher vs student",
         "",
-        "Mean over each site's validation cases; diff = student - teacher (higher is better).",
+        "Mean over each site's validation cases; diff = student - teacher (higher is better)."
+        + _tta_note(config),
         "",
         _metric_table(summary, "dice"),
         "",

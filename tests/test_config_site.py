@@ -25,6 +25,10 @@ def test_preset_then_overrides():
     run = load_run_config({**_pyproject_config(), "preset": "tiny", "num-rounds": 5})
     assert (run.teacher_model, run.num_rounds, run.local_steps) == ("teacher-tiny", 5, 2)
     assert load_run_config({"modality-dropout": "false"}).modality_dropout is False
+    # the final evaluation uses flip TTA unless asked not to; the tests' preset never does
+    assert load_run_config({}).final_tta is True
+    assert load_run_config({"final-tta": "false"}).final_tta is False
+    assert load_run_config({"preset": "tiny"}).final_tta is False
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -255,6 +255,27 @@ def test_predict_a_brats2021_site_with_a_missing_contrast(tmp_path, student_file
         assert not paths["entropy"].exists()
 
 
+def test_tta_segments_with_the_flip_average_and_writes_no_map(tmp_path, student, student_file,
+                                                               capsys):
+    images, seg = sphere_case((28, 26, 24), (2.0, 2.0, 2.0))
+    case_dir = write_case(tmp_path / "in", "BraTS-PED-00003-000", images, np.eye(4) * [2, 2, 2, 1])
+    case = discover_cases(case_dir)[0]
+    plain = predict_case(student, case, apply_postprocess=False)
+    averaged = predict_case(student, case, apply_postprocess=False, tta=True)
+    with_map = predict_case(student, case, apply_postprocess=False, uncertainty="tta")
+    assert averaged.uncertainty is None and with_map.uncertainty is not None
+    np.testing.assert_array_equal(averaged.labels, with_map.labels)  # one and the same average
+    assert not np.array_equal(averaged.labels, plain.labels)  # an untrained net is not symmetric
+
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(student_file), "--input", str(case_dir), "--out",
+               str(out), "--tta", "--no-postprocess", "--device", "cpu", "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    paths = output_paths("BraTS-PED-00003-000", out)
+    np.testing.assert_array_equal(np.asarray(nib.load(paths["seg"]).dataobj), averaged.labels)
+    assert not paths["tta"].exists()
+
+
 def test_a_manifest_and_no_postprocess(tmp_path, student, student_file, capsys):
     images, seg = sphere_case((24, 24, 24), (2.0, 2.0, 2.0))
     case_dir = write_case(tmp_path / "files", "case7", images, np.eye(4) * [2, 2, 2, 1], seg)

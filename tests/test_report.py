@@ -90,7 +90,8 @@ def run_input():
         rounds.append(entry)
     rounds[0]["train"]["MET"]["loss"] = float("nan")
     run = {
-        "config": {"preset": "tiny", "num_rounds": 3, "strategy": "fedavg", "aggregation": "equal"},
+        "config": {"preset": "tiny", "num_rounds": 3, "strategy": "fedavg", "aggregation": "equal",
+                   "final_tta": True},
         "started": "2025-01-01T10:00:00",
         "finished": "2025-01-01T10:05:30",
         "phase_seconds": {"teachers": 120.5, "distillation": 180.0, "evaluation": 29.5},
@@ -125,6 +126,15 @@ def _table_rows(md: str, heading: str) -> list[list[str]]:
         elif seen_table:
             break
     return rows[2:]  # drop header and alignment rows
+
+
+def test_the_report_says_how_the_final_models_segmented(run_input, tmp_path):
+    run, sites, rounds = run_input
+    md = write_report(tmp_path / "a", run, sites, rounds)["markdown"].read_text()
+    assert "flip test-time augmentation" in md
+    plain = {**run, "config": {**run["config"], "final_tta": False}}
+    md = write_report(tmp_path / "b", plain, sites, rounds)["markdown"].read_text()
+    assert "no test-time augmentation" in md and "flip test-time" not in md
 
 
 def test_returns_paths_and_json_is_strict(written):

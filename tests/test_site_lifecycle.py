@@ -165,6 +165,27 @@ def test_evaluation_scores_on_the_grid_of_the_site_files(data_root, tmp_path):
     assert scores == evaluate_case(pred, gt, zooms, "MET")
 
 
+def test_final_tta_runs_every_model_on_the_8_flipped_copies(data_root, tmp_path, monkeypatch):
+    site = _site(data_root, tmp_path)
+    train_teacher(site, RUN)
+    state = new_student(RUN).net.state_dict()
+    windows = []
+    real_new_student, real_load_teacher = site_module.new_student, site_module.load_teacher
+
+    def counted(model):  # the real models, with a hook that counts the windows they see
+        model.register_forward_hook(lambda _m, args, _out: windows.append(args[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(site_module, "new_student", lambda run: counted(real_new_student(run)))
+    monkeypatch.setattr(site_module, "load_teacher", lambda *a: counted(real_load_teacher(*a)))
+    evaluate_site(site, RUN, state, with_teacher=True)
+    plain = sum(windows)
+    windows.clear()
+    scores = evaluate_site(site, RUN, state, with_teacher=True, tta=True)
+    assert plain > 0 and sum(windows) == 8 * plain  # student and teacher, 8 passes each
+    assert set(scores["student"]) == set(scores["teacher"]) == {"WT", "TC", "ET"}
+
+
 def test_fedprox_term_keeps_the_update_closer_to_the_global_student(data_root, tmp_path):
     site = _site(data_root, tmp_path)
     run = dataclasses.replace(RUN, local_steps=4, student_lr=0.05, lr_schedule="constant")
