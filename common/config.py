@@ -59,7 +59,7 @@ class RunConfig:
     teacher_steps_per_epoch: int = 8
     teacher_lr: float = 3e-3
     # phase 2: distillation rounds
-    num_rounds: int = 15
+    num_rounds: int = 45
     local_steps: int = 30
     student_lr: float = 3e-3
     lr_schedule: str = "cosine"
@@ -75,7 +75,7 @@ class RunConfig:
     voxels where the teacher's class is the label's, so that a weak teacher's mistakes are
     not distilled (the labels supervise the rest)."""
     modality_dropout: bool = True
-    dropout_prob: float = 0.25
+    dropout_prob: float = 0.1
     # aggregation
     aggregation: str = "equal"
     strategy: str = "fedavg"
