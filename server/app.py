@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
@@ -191,7 +191,8 @@ def main(grid: Grid, context: Context) -> None:
         folder.read_json("rounds.json", []),
     )
     log(INFO, "fedbrats: report written to %s", paths["markdown"])
-    log(INFO, "\n%s", summary_table(str(paths["json"])))
+    # `fedbrats simulate` prints the table itself once the run is over; at INFO it came twice
+    log(DEBUG, "\n%s", summary_table(str(paths["json"])))
 
 
 __all__ = ["app", "WEIGHT_KEY"]
