@@ -396,9 +396,10 @@ def _tta_note(config: Mapping) -> str:
     tta = _config_value(config, "final_tta")
     if tta is None:
         return ""
-    return (" Both segment with flip test-time augmentation (softmax averaged over 8 flipped "
-            "copies; run setting final-tta)." if tta else " Single-pass segmentation (no test-time "
-            "augmentation).")
+    if tta:
+        return (" Both segment with flip test-time augmentation (softmax averaged over 8 flipped "
+                "copies; run setting final-tta).")
+    return " Single-pass segmentation (no test-time augmentation)."
 
 
 def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
