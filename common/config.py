@@ -91,6 +91,9 @@ class RunConfig:
     ``num_sites``, for missing sites to connect, then for the replies (train, then evaluate);
     late replies are dropped."""
     seed: int = 0
+    eval_every: int = 5
+    """The global student is evaluated at the sites (the per-round curves) after every
+    ``eval-every``-th distillation round and after the last; 1 = after every round."""
     sw_overlap: float = 0.25
     final_tta: bool = True
     """The final evaluation (student, teacher, missing contrasts) segments with flip test-time
@@ -141,7 +144,7 @@ class RunConfig:
         need(self.batch_size >= 1, "batch_size", "at least 1")
         need(0 < self.val_fraction < 1, "val_fraction", "a fraction between 0 and 1")
         for key in ("teacher_epochs", "teacher_steps_per_epoch", "num_rounds", "local_steps",
-                    "num_sites"):
+                    "num_sites", "eval_every"):
             need(getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("teacher_lr", "student_lr", "temperature", "server_lr"):
             need(getattr(self, key) > 0, key, "a number > 0")
@@ -185,6 +188,11 @@ class RunConfig:
         """Replies a distillation round needs to count: ``min_sites``, or all sites if 0."""
         return self.min_sites or self.num_sites
 
+    def evaluates_round(self, server_round: int) -> bool:
+        """Whether the sites evaluate the global student after round ``server_round`` (1-based):
+        every ``eval_every``-th round and the last."""
+        return server_round % self.eval_every == 0 or server_round >= self.num_rounds
+
     def round_lr(self, server_round: int) -> float:
         """The sites' local learning rate in distillation round ``server_round`` (1-based)."""
         if self.lr_schedule == "constant" or self.num_rounds == 1:
@@ -210,7 +218,8 @@ PRESETS: dict[str, RunConfig] = {
     "tiny": dataclasses.replace(
         _BASE, preset="tiny", teacher_model="teacher-tiny", student_model="student-tiny",
         spacing=4.0, patch_size=32, batch_size=1, teacher_epochs=1, teacher_steps_per_epoch=2,
-        num_rounds=2, local_steps=2, num_sites=3, final_tta=False, output_dir="runs/tiny",
+        num_rounds=2, local_steps=2, num_sites=3, eval_every=1, final_tta=False,
+        output_dir="runs/tiny",
     ),
     # the default for `make demo`: five sites on two CPU cores within 15 minutes
     "cpu-demo": _BASE,

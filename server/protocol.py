@@ -165,6 +165,8 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
             return messages
 
         def configure_evaluate(self, server_round, arrays, config, grid):
+            if not run.evaluates_round(self._round(server_round)):
+                return []  # not an eval-every round: no evaluation messages are sent
             sign_into(arrays, config)
             messages = list(super().configure_evaluate(server_round, arrays, config, grid))
             sent[("evaluate", server_round)] = messages
@@ -256,8 +258,10 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
-            entry = self._entry(server_round)
             rnd = self._round(server_round)
+            if not run.evaluates_round(rnd):
+                return None
+            entry = self._entry(server_round)
             for node, reason in missing("evaluate", server_round, replies).items():
                 flwr_log(WARNING, "fedbrats: round %d: no evaluation from site %s: %s", rnd,
                          site_of(node), reason)

@@ -560,6 +560,8 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
         rows = []
         for i, r in enumerate(rounds):
             ev = r.get("evaluate") if isinstance(r, Mapping) else None
+            if not ev:  # a round without evaluation (eval-every)
+                continue
             rows.append(
                 [str(_round_number(r, i))] + [_fmt(_get(ev, s, "WT", "dice")) for s in eval_sites]
             )
@@ -680,11 +682,11 @@ def plot_training_curves(rounds: list, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if eval_sites:
             ax = axes[0][1]
-            for s in eval_sites:
-                ys = [_num(_get(r, "evaluate", s, "WT", "dice")) for r in rounds]
-                ax.plot(
-                    xs, [nan if y is None else y for y in ys], marker="o", label=s, color=colors[s]
-                )
+            for s in eval_sites:  # only the evaluated rounds (eval-every), joined by lines
+                pts = [(x, _num(_get(r, "evaluate", s, "WT", "dice"))) for x, r in zip(xs, rounds)]
+                pts = [(x, y) for x, y in pts if y is not None]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=s,
+                        color=colors[s])
             ax.set_ylim(0.0, 1.0)
             ax.set_xlabel("round")
             ax.set_ylabel("student WT Dice")

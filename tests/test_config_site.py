@@ -31,6 +31,13 @@ def test_preset_then_overrides():
     assert load_run_config({"preset": "tiny"}).final_tta is False
 
 
+def test_eval_every_picks_the_evaluated_rounds_and_always_the_last():
+    run = load_run_config({"num-rounds": 12, "eval-every": 5})
+    assert [r for r in range(1, 13) if run.evaluates_round(r)] == [5, 10, 12]
+    every = load_run_config({"num-rounds": 3, "eval-every": 1})
+    assert [r for r in range(1, 4) if every.evaluates_round(r)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"num-round": 3}, "did you mean 'num-rounds'"),
     ({"preset": "cpu"}, "unknown preset 'cpu'"),
@@ -39,6 +46,7 @@ def test_preset_then_overrides():
     ({"num-rounds": 2.5}, "expected an integer"),
     ({"student-model": "studnt-cpu"}, "student-model"),
     ({"kd-mask": "confident"}, "kd-mask: expected none or teacher-correct"),
+    ({"eval-every": 0}, "eval-every: expected an integer >= 1, got 0"),
 ])
 def test_bad_settings_are_named(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -247,6 +247,10 @@ def test_markdown_tables(written):
     loss = _table_rows(md, "Training loss per round")
     assert [r[0] for r in loss] == ["1", "2", "3"]
     assert loss[0][1] == "1.5000" and loss[0][4] == "—"
+    # per-round Dice: only the rounds the sites evaluated (round 1 was not, as with eval-every)
+    dice = _table_rows(md, "Student WT Dice per round")
+    assert [r[0] for r in dice] == ["2", "3"]
+    assert dice[0][1:] == ["0.700"] * 3 and dice[1][1:] == ["0.800"] * 3
     assert "population_dice.png" in md and "training_curves.png" in md
     assert "nan" not in md.lower().replace("non", "")
 

@@ -183,3 +183,35 @@ def test_a_sites_refusal_is_logged_and_audited_with_its_reason(tmp_path):
     assert arrays is not None
     audit = [json.loads(line) for line in (folder.path / "audit.jsonl").read_text().splitlines()]
     assert {"phase": "round", "round": 1, "site": "SSA", "error": reason} in audit
+
+
+def test_eval_every_sends_evaluations_only_on_due_rounds_and_the_last(tmp_path):
+    """eval-every 3 over 7 rounds: the sites evaluate after rounds 3, 6 and 7 only; a resumed
+    run (round offset 4) counts rounds from the start of the run."""
+    from server.protocol import build_strategy
+    from server.state import RunFolder
+
+    strategy, _, rounds = _strategy(tmp_path, **{"num-rounds": 7, "eval-every": 3})
+    record = ArrayRecord({k: Array(v) for k, v in _global().items()})
+    sent = {r: list(strategy.configure_evaluate(r, record, ConfigRecord(), _Grid(NAMES)))
+            for r in range(1, 8)}
+    assert [r for r, msgs in sent.items() if msgs] == [3, 6, 7]
+    assert {m.metadata.dst_node_id for m in sent[6]} == set(NAMES)
+    # a round without evaluation records nothing; a due one records every site's scores
+    assert strategy.aggregate_evaluate(2, []) is None
+    assert rounds == []
+    scores = MetricRecord({"student.WT.dice": 0.5, WEIGHT_KEY: 1.0})
+    strategy.aggregate_evaluate(3, [Message(RecordDict({"metrics": scores}), reply_to=m)
+                                    for m in sent[3]])
+    assert [r["round"] for r in rounds] == [3]
+    assert {s: v["WT"]["dice"] for s, v in rounds[0]["evaluate"].items()} == {
+        "GLI": 0.5, "SSA": 0.5, "PED": 0.5}
+
+    from common.config import load_run_config
+
+    run = load_run_config({"preset": "tiny", "output-dir": str(tmp_path / "run2"),
+                           "num-sites": 3, "num-rounds": 7, "eval-every": 3})
+    resumed = build_strategy(run, RunFolder(run), NAMES, [], round_offset=4)
+    due = [r for r in range(1, 4)
+           if list(resumed.configure_evaluate(r, record, ConfigRecord(), _Grid(NAMES)))]
+    assert due == [2, 3]  # rounds 6 and 7 of the run
