@@ -59,7 +59,7 @@ class RunConfig:
     teacher_steps_per_epoch: int = 8
     teacher_lr: float = 3e-3
     # phase 2: distillation rounds
-    num_rounds: int = 45
+    num_rounds: int = 60
     local_steps: int = 30
     student_lr: float = 3e-3
     lr_schedule: str = "cosine"
