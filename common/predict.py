@@ -556,7 +556,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     try:
         device = resolve_device(args.device)
-        if getattr(args, "public_key", None):
+        if args.public_key:
             from common.signing import SignatureError, verify_file
 
             try:
@@ -584,7 +584,7 @@ def run_predict(args: argparse.Namespace) -> int:
         try:
             result = predict_case(student, case, apply_postprocess=args.postprocess,
                                   uncertainty=args.uncertainty, overlap=args.sw_overlap,
-                                  tta=getattr(args, "tta", False))
+                                  tta=args.tta)
             written = write_outputs(result, out_dir, args.labels, overlay=args.overlay)
         except (DataError, LabelError) as e:
             failures.append(str(e))

@@ -79,7 +79,7 @@ class _Grid:
 NAMES = {11: "GLI", 12: "SSA", 13: "PED"}
 
 
-def _strategy(tmp_path, **settings):
+def _strategy(tmp_path, round_offset=0, **settings):
     from common.config import load_run_config
     from server.protocol import build_strategy
     from server.state import RunFolder
@@ -88,7 +88,7 @@ def _strategy(tmp_path, **settings):
                            **settings})
     rounds: list[dict] = []
     folder = RunFolder(run)
-    return build_strategy(run, folder, NAMES, rounds), folder, rounds
+    return build_strategy(run, folder, NAMES, rounds, round_offset=round_offset), folder, rounds
 
 
 def _global(seed=0):
@@ -188,9 +188,6 @@ def test_a_sites_refusal_is_logged_and_audited_with_its_reason(tmp_path):
 def test_eval_every_sends_evaluations_only_on_due_rounds_and_the_last(tmp_path):
     """eval-every 3 over 7 rounds: the sites evaluate after rounds 3, 6 and 7 only; a resumed
     run (round offset 4) counts rounds from the start of the run."""
-    from server.protocol import build_strategy
-    from server.state import RunFolder
-
     strategy, _, rounds = _strategy(tmp_path, **{"num-rounds": 7, "eval-every": 3})
     record = ArrayRecord({k: Array(v) for k, v in _global().items()})
     sent = {r: list(strategy.configure_evaluate(r, record, ConfigRecord(), _Grid(NAMES)))
@@ -207,11 +204,8 @@ def test_eval_every_sends_evaluations_only_on_due_rounds_and_the_last(tmp_path):
     assert {s: v["WT"]["dice"] for s, v in rounds[0]["evaluate"].items()} == {
         "GLI": 0.5, "SSA": 0.5, "PED": 0.5}
 
-    from common.config import load_run_config
-
-    run = load_run_config({"preset": "tiny", "output-dir": str(tmp_path / "run2"),
-                           "num-sites": 3, "num-rounds": 7, "eval-every": 3})
-    resumed = build_strategy(run, RunFolder(run), NAMES, [], round_offset=4)
+    resumed, _, _ = _strategy(tmp_path / "resumed", round_offset=4,
+                              **{"num-rounds": 7, "eval-every": 3})
     due = [r for r in range(1, 4)
            if list(resumed.configure_evaluate(r, record, ConfigRecord(), _Grid(NAMES)))]
     assert due == [2, 3]  # rounds 6 and 7 of the run
