@@ -328,18 +328,31 @@ def new_student(run: RunConfig) -> TappedModel:
     return TappedModel.from_spec(resolve_spec(run.student_model))
 
 
-def modality_dropout(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
-    """Zero each contrast of each sample with probability ``prob``, keeping at least one.
+def modality_dropout(x: torch.Tensor, prob: float, gen: torch.Generator,
+                     channels: Sequence[int] | None = None) -> torch.Tensor:
+    """Zero each droppable contrast of each sample with probability ``prob``, keeping at least one.
 
-    ``x``: ``B, C, H, W, D``; returns a new tensor. A dropped contrast looks exactly like a missing
-    one at inference (zero after normalisation).
+    ``x``: ``B, C, H, W, D``; ``channels``: the contrasts that may be dropped (all if None; the
+    others are always kept). Returns a new tensor. A dropped contrast looks exactly like a
+    missing one at inference (zero after normalisation).
     """
     b, c = x.shape[:2]
     keep = torch.rand(b, c, generator=gen) >= prob
+    if channels is not None:
+        fixed = torch.ones(c, dtype=torch.bool)
+        fixed[list(channels)] = False
+        keep |= fixed
     for i in range(b):
         if not keep[i].any():
             keep[i, torch.randint(c, (1,), generator=gen)] = True
     return x * keep.to(x.device, x.dtype)[:, :, None, None, None]
+
+
+def student_input(x: torch.Tensor, run: RunConfig, gen: torch.Generator) -> torch.Tensor:
+    """What the student sees of a training batch: ``x`` after the run's modality dropout."""
+    if not run.modality_dropout:
+        return x
+    return modality_dropout(x, run.dropout_prob, gen, run.dropout_channels)
 
 
 def _projector(site: SiteConfig, student: TappedModel, teacher: TappedModel,
@@ -393,7 +406,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     for _ in range(run.local_steps):
         batch = next(batches)
         x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
-        x_student = modality_dropout(x, run.dropout_prob, gen) if run.modality_dropout else x
+        x_student = student_input(x, run, gen)
         with torch.autocast(device.type, enabled=amp):
             t_logits = t_feats = None
             if teacher is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.contract import POPULATIONS, check_population
+from common.contract import CONTRASTS, POPULATIONS, check_population
 from common.labels import CONVENTIONS, DEFAULT_CONVENTION
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -76,6 +76,13 @@ class RunConfig:
     not distilled (the labels supervise the rest)."""
     modality_dropout: bool = True
     dropout_prob: float = 0.1
+    dropout_contrasts: str = "t1n,t1c"
+    """The contrasts modality dropout may remove from the student's input (comma-separated, or
+    ``all``); the others are always kept. Default: the two most often missing in practice
+    (pre-contrast T1 is left out of short protocols; gadolinium is withheld in renal failure,
+    pregnancy, young children, or where it is unaffordable). T2 and FLAIR carry the oedema: a
+    student trained without them learns to guess oedema around every enhancing lesion
+    (docs/bench/demo-settings.md)."""
     # aggregation
     aggregation: str = "equal"
     strategy: str = "fedavg"
@@ -154,6 +161,11 @@ class RunConfig:
              f"0 (all sites) up to num-sites ({self.num_sites})")
         need(self.round_timeout > 0, "round_timeout", "a number of seconds > 0")
         need(0 <= self.dropout_prob < 1, "dropout_prob", "a probability in [0, 1)")
+        names = [c.strip() for c in self.dropout_contrasts.split(",")]
+        need(self.dropout_contrasts.strip() == "all"
+             or (set(names) <= set(CONTRASTS) and len(set(names)) == len(names)),
+             "dropout_contrasts",
+             f"\"all\" or distinct contrasts among {', '.join(CONTRASTS)}, comma-separated")
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
@@ -182,6 +194,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def dropout_channels(self) -> tuple[int, ...]:
+        """Input channels (indices into ``CONTRASTS``) that modality dropout may remove."""
+        if self.dropout_contrasts.strip() == "all":
+            return tuple(range(len(CONTRASTS)))
+        names = {c.strip() for c in self.dropout_contrasts.split(",")}
+        return tuple(i for i, c in enumerate(CONTRASTS) if c in names)
 
     @property
     def required_sites(self) -> int:

@@ -130,6 +130,9 @@ class Student:
     round: int | None = None
     path: Path | None = None
     device: str = "cpu"
+    trained_without: tuple[str, ...] | None = None
+    """Contrasts modality dropout removed from the student's input in training: those it learnt
+    to do without (None: the file does not say)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +296,22 @@ def _state_dict_problems(net: torch.nn.Module, state: Mapping[str, Any]) -> list
     return problems
 
 
+def _trained_without(config: Any) -> tuple[str, ...] | None:
+    """The contrasts modality dropout removed in training, from a student file's run config."""
+    try:
+        run = json.loads(config) if isinstance(config, str) else config
+    except ValueError:
+        return None
+    if not isinstance(run, Mapping) or "modality_dropout" not in run:
+        return None
+    if not run["modality_dropout"]:
+        return ()
+    which = str(run.get("dropout_contrasts", "all")).strip()  # older files: every contrast
+    if which == "all":
+        return CONTRASTS
+    return tuple(c for c in CONTRASTS if c in {w.strip() for w in which.split(",")})
+
+
 def load_student(path: str | Path, device: str = "cpu") -> Student:
     """Read a student file and build its network, in eval mode on ``device``.
 
@@ -384,4 +403,5 @@ def load_student(path: str | Path, device: str = "cpu") -> Student:
         round=int(rnd) if isinstance(rnd, int | float) else None,
         path=path,
         device=str(torch.device(device)),
+        trained_without=_trained_without(data.get("config")),
     )

@@ -538,6 +538,17 @@ def _fmt_ml(mm3: float) -> str:
     return f"{mm3 / 1000:.2f}"
 
 
+def _untrained(student: Student, missing: Sequence[str]) -> str:
+    """What the student's training says about segmenting without ``missing``."""
+    if student.trained_without is None:
+        return ""
+    never = [c for c in missing if c not in student.trained_without]
+    if not never:
+        return ", as modality dropout did in training"
+    return (f"; the student was never trained without {', '.join(never)} "
+            "(run setting dropout-contrasts): expect it to do worse")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -580,7 +591,8 @@ def run_predict(args: argparse.Namespace) -> int:
         bar.set_postfix_str(case.case_id)
         if case.missing:
             tqdm.write(f"{case.case_id}: missing {', '.join(case.missing)} "
-                       "(zero-filled after normalisation, as in training)", file=sys.stdout)
+                       f"(zero-filled after normalisation{_untrained(student, case.missing)})",
+                       file=sys.stdout)
         try:
             result = predict_case(student, case, apply_postprocess=args.postprocess,
                                   uncertainty=args.uncertainty, overlap=args.sw_overlap,

@@ -402,6 +402,22 @@ def _tta_note(config: Mapping) -> str:
     return " Single-pass segmentation (no test-time augmentation)."
 
 
+def _dropout_note(config: Mapping) -> str:
+    """Which contrasts the student learnt to do without (run settings modality-dropout,
+    dropout-prob, dropout-contrasts)."""
+    on = _config_value(config, "modality_dropout")
+    if on is None:
+        return ""
+    if not on:
+        return " The student was trained without modality dropout."
+    which = _config_value(config, "dropout_contrasts") or "all"
+    prob = _config_value(config, "dropout_prob")
+    every = "every contrast" if which.strip() == "all" else f"only {which.replace(',', ', ')}"
+    each = f" (each with probability {prob:g})" if isinstance(prob, int | float) else ""
+    return (f" In training, modality dropout removed {every}{each}; a contrast it never "
+            "removed is one the student did not learn to do without.")
+
+
 def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
     config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
     phases = run.get("phase_seconds") if isinstance(run.get("phase_seconds"), Mapping) else {}
@@ -517,7 +533,7 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
             "## Student with one contrast removed",
             "",
             "Dice WT / TC / ET of the student with all contrasts, and with each contrast "
-            "removed (filled as a missing contrast).",
+            "removed (filled as a missing contrast)." + _dropout_note(config),
             "",
         ]
         rows = []

@@ -293,14 +293,14 @@ def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
 
     def supervised() -> None:
-        xs = modality_dropout(x, run.dropout_prob, gen)
+        xs = modality_dropout(x, run.dropout_prob, gen, run.dropout_channels)
         loss = sup(student(xs)[0], y)
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         s_opt.step()
 
     def distillation() -> None:
-        xs = modality_dropout(x, run.dropout_prob, gen)
+        xs = modality_dropout(x, run.dropout_prob, gen, run.dropout_channels)
         with torch.no_grad():
             t_logits, t_feats = teacher(x)
         s_logits, s_feats = student(xs)
@@ -419,7 +419,8 @@ def _plain_loop(data_root: Path, run, sites: Sequence[str]) -> float:
                 x, y = b[IMAGE], b[LABEL]
                 with torch.no_grad():
                     t_logits, t_feats = teachers[p](x)
-                s_logits, s_feats = student(modality_dropout(x, run.dropout_prob, gen))
+                xs = modality_dropout(x, run.dropout_prob, gen, run.dropout_channels)
+                s_logits, s_feats = student(xs)
                 total, _ = kd(s_logits, t_logits, y, projectors[p](s_feats, t_feats), t_feats)
                 opt.zero_grad(set_to_none=True)
                 total.backward()

@@ -308,9 +308,9 @@ def centralised(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, to
         _batches,
         _seed,
         load_site_data,
-        modality_dropout,
         new_student,
         select_device,
+        student_input,
     )
     from common.losses import SupervisedLoss
     from common.transforms import IMAGE, LABEL
@@ -329,7 +329,7 @@ def centralised(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, to
             for pop in sites:
                 batch = next(streams[pop])
                 x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
-                x = modality_dropout(x, run.dropout_prob, gen) if run.modality_dropout else x
+                x = student_input(x, run, gen)
                 loss = loss_fn(student(x)[0], y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site import modality_dropout, split_cases
+from client.site import modality_dropout, split_cases, student_input
 from common.config import ConfigError, load_run_config, site_from_node_config
 from common.data import Case
 
@@ -85,3 +85,29 @@ def test_modality_dropout_keeps_at_least_one_contrast():
     assert (kept.sum(1) >= 1).all()  # never an empty input
     assert (kept == 0).any()  # and contrasts were really dropped
     assert torch.equal(modality_dropout(x, 0.0, gen), x)
+
+
+def test_modality_dropout_removes_only_the_droppable_contrasts():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.ones(256, 4, 2, 2, 2)
+    kept = modality_dropout(x, 0.9, gen, channels=(0, 1))[:, :, 0, 0, 0]
+    assert (kept[:, 2:] == 1).all()  # T2 and FLAIR always there
+    assert (kept[:, 0] == 0).any() and (kept[:, 1] == 0).any()
+    assert ((kept[:, 0] == 0) & (kept[:, 1] == 0)).any()  # both may go: two others are left
+    only_flair = modality_dropout(x, 0.99, gen, channels=(0, 1, 2))[:, :, 0, 0, 0]
+    assert (only_flair.sum(1) >= 1).all() and (only_flair[:, 3] == 1).all()
+
+
+def test_dropout_contrasts_setting_and_the_student_input():
+    run = load_run_config({})
+    assert run.dropout_contrasts == "t1n,t1c" and run.dropout_channels == (0, 1)
+    assert load_run_config({"dropout-contrasts": "all"}).dropout_channels == (0, 1, 2, 3)
+    assert load_run_config({"dropout-contrasts": "t2f, t1c"}).dropout_channels == (1, 3)
+    for bad in ("flair", "t1c,t1c", "t1n,"):
+        with pytest.raises(ConfigError, match="run setting dropout-contrasts: expected"):
+            load_run_config({"dropout-contrasts": bad})
+    x = torch.ones(256, 4, 2, 2, 2)
+    seen = student_input(x, load_run_config({"dropout-prob": 0.5}), torch.Generator())
+    assert (seen[:, 2:] == 1).all() and (seen[:, :2] == 0).any()
+    off = load_run_config({"modality-dropout": "false", "dropout-prob": 0.5})
+    assert student_input(x, off, torch.Generator()) is x

@@ -55,6 +55,24 @@ def test_round_trip_gives_a_ready_network(student_file, weights):
         assert student.network(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
 
 
+def test_the_file_says_which_contrasts_the_student_learnt_to_do_without(tmp_path, weights):
+    def trained_without(run=None, edit=None):
+        payload = student_payload(run or RUN, weights, server_round=1)
+        if edit:
+            config = json.loads(payload["config"])
+            edit(config)
+            payload["config"] = json.dumps(config)
+        save_atomic(tmp_path / "s.pt", payload)
+        return load_student(tmp_path / "s.pt").trained_without
+
+    assert trained_without() == ("t1n", "t1c")  # the default dropout-contrasts
+    assert trained_without(dataclasses.replace(RUN, dropout_contrasts="all")) == CONTRASTS
+    assert trained_without(dataclasses.replace(RUN, modality_dropout=False)) == ()
+    # a file written before dropout-contrasts existed: dropout removed every contrast
+    assert trained_without(edit=lambda c: c.pop("dropout_contrasts")) == CONTRASTS
+    assert trained_without(edit=lambda c: c.clear()) is None
+
+
 def test_thresholds_chosen_at_save_time_travel_in_the_file(tmp_path, weights):
     path = tmp_path / "student.pt"
     save_atomic(path, student_payload(RUN, weights, 1, {"min_component_mm3": 10,

@@ -237,7 +237,8 @@ def test_predict_a_brats2021_site_with_a_missing_contrast(tmp_path, student_file
                "--no-progress"])
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
-    assert "BraTS2021_00001: missing t2f (zero-filled" in stdout
+    assert ("BraTS2021_00001: missing t2f (zero-filled after normalisation; the student was "
+            "never trained without t2f") in stdout
     assert "2 of 2 case(s) written" in stdout
     for n in range(2):
         cid = f"BraTS2021_0000{n}"

@@ -137,6 +137,24 @@ def test_the_report_says_how_the_final_models_segmented(run_input, tmp_path):
     assert "no test-time augmentation" in md and "flip test-time" not in md
 
 
+def test_the_missing_contrast_table_says_which_contrasts_dropout_removed(run_input, tmp_path):
+    run, sites, rounds = run_input
+    cases = {
+        "a": ({"modality_dropout": True, "dropout_prob": 0.1, "dropout_contrasts": "t1n,t1c"},
+              "modality dropout removed only t1n, t1c (each with probability 0.1)"),
+        "b": ({"modality_dropout": True, "dropout_prob": 0.25, "dropout_contrasts": "all"},
+              "modality dropout removed every contrast (each with probability 0.25)"),
+        "c": ({"modality_dropout": False}, "trained without modality dropout"),
+    }
+    for folder, (settings, sentence) in cases.items():
+        with_dropout = {**run, "config": {**run["config"], **settings}}
+        md = write_report(tmp_path / folder, with_dropout, sites, rounds)["markdown"].read_text()
+        section = md.split("## Student with one contrast removed", 1)[1].split("## ", 1)[0]
+        assert sentence in section
+    md = write_report(tmp_path / "d", run, sites, rounds)["markdown"].read_text()
+    assert "modality dropout" not in md  # an old run.json without the settings: no claim
+
+
 def test_returns_paths_and_json_is_strict(written):
     paths, (run, _, rounds) = written
     assert set(paths) == {"json", "markdown", "dice_png", "curves_png"}
