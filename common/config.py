@@ -76,13 +76,12 @@ class RunConfig:
     not distilled (the labels supervise the rest)."""
     modality_dropout: bool = True
     dropout_prob: float = 0.1
-    dropout_contrasts: str = "t1n,t1c"
+    dropout_contrasts: str = "t1n,t1c,t2w"
     """The contrasts modality dropout may remove from the student's input (comma-separated, or
-    ``all``); the others are always kept. Default: the two most often missing in practice
-    (pre-contrast T1 is left out of short protocols; gadolinium is withheld in renal failure,
-    pregnancy, young children, or where it is unaffordable). T2 and FLAIR carry the oedema: a
-    student trained without them learns to guess oedema around every enhancing lesion
-    (docs/bench/demo-settings.md)."""
+    ``all``); the others are always kept. Default: all but FLAIR, the one contrast that tells
+    oedema (bright) from fluid (dark); a student trained without it takes the bright-on-T2 fluid
+    at the brain's surface for oedema, a false rim around the meningiomas
+    (docs/bench/demo-settings.md). In return it does not learn to do without FLAIR."""
     # aggregation
     aggregation: str = "equal"
     strategy: str = "fedavg"

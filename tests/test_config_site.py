@@ -100,7 +100,7 @@ def test_modality_dropout_removes_only_the_droppable_contrasts():
 
 def test_dropout_contrasts_setting_and_the_student_input():
     run = load_run_config({})
-    assert run.dropout_contrasts == "t1n,t1c" and run.dropout_channels == (0, 1)
+    assert run.dropout_contrasts == "t1n,t1c,t2w" and run.dropout_channels == (0, 1, 2)
     assert load_run_config({"dropout-contrasts": "all"}).dropout_channels == (0, 1, 2, 3)
     assert load_run_config({"dropout-contrasts": "t2f, t1c"}).dropout_channels == (1, 3)
     for bad in ("flair", "t1c,t1c", "t1n,"):
@@ -108,6 +108,6 @@ def test_dropout_contrasts_setting_and_the_student_input():
             load_run_config({"dropout-contrasts": bad})
     x = torch.ones(256, 4, 2, 2, 2)
     seen = student_input(x, load_run_config({"dropout-prob": 0.5}), torch.Generator())
-    assert (seen[:, 2:] == 1).all() and (seen[:, :2] == 0).any()
+    assert (seen[:, 3] == 1).all() and (seen[:, :3] == 0).any()
     off = load_run_config({"modality-dropout": "false", "dropout-prob": 0.5})
     assert student_input(x, off, torch.Generator()) is x

@@ -65,7 +65,7 @@ def test_the_file_says_which_contrasts_the_student_learnt_to_do_without(tmp_path
         save_atomic(tmp_path / "s.pt", payload)
         return load_student(tmp_path / "s.pt").trained_without
 
-    assert trained_without() == ("t1n", "t1c")  # the default dropout-contrasts
+    assert trained_without() == ("t1n", "t1c", "t2w")  # the default dropout-contrasts
     assert trained_without(dataclasses.replace(RUN, dropout_contrasts="all")) == CONTRASTS
     assert trained_without(dataclasses.replace(RUN, modality_dropout=False)) == ()
     # a file written before dropout-contrasts existed: dropout removed every contrast
