@@ -87,6 +87,10 @@ def secagg_train(msg: Message, context: Context, public_key: str | None = None) 
                                    proximal_mu=float(config.get("proximal-mu", 0.0)))
     update = [state[k].detach().cpu().numpy().astype(a.dtype) - a
               for k, a in zip(keys, sent, strict=True)]
+    # batch norm's step counter (unused: the layers average with a fixed momentum) would
+    # only be clipped by SecAgg+; it is sent unchanged
+    update = [np.zeros_like(u) if k.endswith("num_batches_tracked") else u
+              for k, u in zip(keys, update, strict=True)]
     bad = [k for k, u in zip(keys, update, strict=True) if not np.isfinite(u).all()]
     if bad:
         raise ValueError(f"site {site.population}: the local update has NaN or infinite values "

@@ -22,6 +22,7 @@ from client.app import WEIGHT_KEY
 from common.config import RunConfig, load_run_config
 from server.protocol import (
     build_strategy,
+    check_resumable,
     initial_student_arrays,
     parse_scores,
     teacher_arrays_in,
@@ -124,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
     rounds: list[dict] = [r for r in folder.read_json("rounds.json", []) if r["round"] <= done]
     arrays = ckpt.state_dict if ckpt else initial_student_arrays(run)
     if done:
+        check_resumable(folder, done, arrays, initial_student_arrays(run))
         log(INFO, "fedbrats: resuming after round %d of %d", done, run.num_rounds)
         if signer is not None:
             from common.signing import sig_path, verify_file

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -58,6 +58,18 @@ def initial_student_arrays(run: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in new_student(run).net.state_dict().items()}
 
 
+def check_resumable(folder: RunFolder, done: int, saved: Mapping[str, Any],
+                    student: Mapping[str, Any]) -> None:
+    """Refuse to resume from a checkpoint that does not fit the run's student network (a
+    checkpoint written by another version of its preset, say one without batch norm)."""
+    problems = check_update(student, saved)
+    if problems:
+        raise RuntimeError(
+            f"{folder.path / 'checkpoints'}: the round-{done} student does not fit the network "
+            f"this run builds ({format_problems(problems)}); use another output-dir"
+        )
+
+
 def teacher_arrays_in(content: RecordDict) -> dict[str, Any]:
     """What arrays a reply carried: for the audit log (names, shapes, bytes)."""
     arrays: dict[str, list[int]] = {}
@@ -90,6 +102,46 @@ def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
         return arrays
     return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=ref[k]) if k in ref else v.numpy())
                         for k, v in arrays.items()})
+
+
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+"""Buffers of batch-norm layers: statistics of the sites' data, not parameters."""
+
+
+def is_norm_statistic(name: str) -> bool:
+    """Whether the state-dict entry ``name`` is a batch-norm running statistic."""
+    return name.rsplit(".", 1)[-1] in NORM_STATISTICS
+
+
+def settle_norm_statistics(aggregated: Mapping[str, np.ndarray],
+                           updates: Sequence[Mapping[str, np.ndarray]],
+                           weights: Sequence[float], noised: bool = False
+                           ) -> dict[str, np.ndarray]:
+    """The aggregated student with its batch-norm statistics made right.
+
+    A server optimiser (FedAdam) steps every array it is given, running statistics included,
+    though they are averages of the sites' data and not parameters: they become the weighted
+    mean of the sites' ``updates`` again (for FedAvg and FedProx that is what they already
+    are). With differential privacy (``noised``) the noised mean is kept, since the plain one
+    would release the sites' statistics without noise. Either way a running variance is kept
+    at or above zero (noise or a server step can push it below, and the network would then
+    give NaN). Other arrays, and dtypes, are unchanged.
+    """
+    out = {k: np.asarray(v) for k, v in aggregated.items()}
+    total = float(sum(weights))
+    for name, value in out.items():
+        if not is_norm_statistic(name):
+            continue
+        if not noised and updates:
+            mean = sum(float(w) / total * np.asarray(u[name], dtype=np.float64)
+                       for u, w in zip(updates, weights, strict=True))
+            if value.dtype.kind in "iu":
+                mean = np.rint(mean)
+            value = np.asarray(mean, dtype=value.dtype)
+        if name.endswith("running_var"):
+            value = np.maximum(value, 0).astype(value.dtype)
+        out[name] = value
+    return out
 
 
 def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
@@ -211,6 +263,12 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None and self.sent_arrays is not None:
                 arrays = _like(arrays, self.sent_arrays)
+            if arrays is not None and any(is_norm_statistic(k) for k in arrays.keys()):
+                settled = settle_norm_statistics(
+                    {k: v.numpy() for k, v in arrays.items()},
+                    [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in replies],
+                    [float(m.content["metrics"][WEIGHT_KEY]) for m in replies], noised=dp)
+                arrays = ArrayRecord({k: Array(v) for k, v in settled.items()})
             if arrays is not None and dp:
                 z_eff = effective_noise_multiplier(run.dp_noise_multiplier, run.num_sites,
                                                    len(replies))
@@ -295,5 +353,6 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
     return strategy
 
 
-__all__ = ["RoundFailed", "build_strategy", "initial_student_arrays", "parse_scores",
-           "teacher_arrays_in", "wait_for_missing_sites"]
+__all__ = ["RoundFailed", "build_strategy", "check_resumable", "initial_student_arrays",
+           "is_norm_statistic", "parse_scores", "settle_norm_statistics", "teacher_arrays_in",
+           "wait_for_missing_sites"]

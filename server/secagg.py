@@ -52,7 +52,12 @@ from flwr.serverapp import Grid
 from client.secagg import KEYS_CONFIG, RANGE_CONFIG
 from common.config import RunConfig
 from server.privacy import effective_noise_multiplier, noise_std
-from server.protocol import RoundFailed, build_strategy, wait_for_missing_sites
+from server.protocol import (
+    RoundFailed,
+    build_strategy,
+    settle_norm_statistics,
+    wait_for_missing_sites,
+)
 from server.state import RunFolder
 
 __all__ = ["CLIPPING_RANGE", "KEYS_CONFIG", "RANGE_CONFIG", "secagg_rounds"]
@@ -188,6 +193,7 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                                run.dp_noise_multiplier, run.num_sites, len(results))}
         current = {k: (current[k] + u).astype(dtypes[k]) for k, u in zip(keys, mean_update,
                                                                           strict=True)}
+        current = settle_norm_statistics(current, [], [], noised=True)  # variances >= 0
         path = folder.save_checkpoint(rnd, current)
         if signer is not None:
             from common.signing import sign_file

@@ -162,6 +162,48 @@ def test_fedadam_keeps_the_students_dtype(tmp_path):
     assert {arrays[k].numpy().dtype for k in sent} == {np.dtype(np.float32)}
 
 
+def _with_norm_statistics(arrays: dict, mean: float, var: float, steps: int) -> dict:
+    return {**arrays, "bn.running_mean": np.full(4, mean, np.float32),
+            "bn.running_var": np.full(4, var, np.float32),
+            "bn.num_batches_tracked": np.asarray(steps, np.int64)}
+
+
+def test_fedadam_steps_the_weights_but_averages_the_norm_statistics(tmp_path):
+    """Batch-norm running statistics are the mean of the sites' (FedAdam's step would move
+    them by eta from the old value); the weights still take FedAdam's step."""
+    strategy, _, _ = _strategy(tmp_path, strategy="fedadam")
+    sent = _with_norm_statistics(_global(), 0.0, 1.0, 0)
+    updates = {n: _with_norm_statistics({k: v + 0.01 * n for k, v in _global().items()},
+                                        float(n - 10), 2.0 * (n - 10), 30) for n in NAMES}
+    arrays, _ = _round(strategy, sent, updates)
+    out = {k: v.numpy() for k, v in arrays.items()}
+    np.testing.assert_allclose(out["bn.running_mean"], 2.0)  # mean of 1, 2, 3
+    np.testing.assert_allclose(out["bn.running_var"], 4.0)  # mean of 2, 4, 6
+    assert out["bn.num_batches_tracked"] == 30 and out["bn.num_batches_tracked"].dtype == np.int64
+    mean_update = np.mean([u["conv.bias"] for u in updates.values()], axis=0)
+    assert not np.allclose(out["conv.bias"], mean_update)  # a server step, not the mean
+    assert out["conv.bias"].dtype == np.float32
+
+
+def test_settled_norm_statistics_keep_noised_means_but_no_negative_variance():
+    from server.protocol import is_norm_statistic, settle_norm_statistics
+
+    noised = {"w": np.array([-1.0, 2.0], np.float32),
+              "bn.running_var": np.array([-0.5, 0.3], np.float32),
+              "bn.running_mean": np.array([-0.5, 0.3], np.float32)}
+    site = {"w": np.zeros(2, np.float32), "bn.running_var": np.ones(2, np.float32),
+            "bn.running_mean": np.ones(2, np.float32)}
+    out = settle_norm_statistics(noised, [site], [1.0], noised=True)
+    np.testing.assert_allclose(out["bn.running_var"], [0.0, 0.3])  # clamped, not replaced
+    np.testing.assert_allclose(out["bn.running_mean"], [-0.5, 0.3])
+    np.testing.assert_array_equal(out["w"], [-1.0, 2.0])
+    plain = settle_norm_statistics(noised, [site, {**site, "bn.running_var": np.full(2, 3.0)}],
+                                   [1.0, 3.0])
+    np.testing.assert_allclose(plain["bn.running_var"], 2.5)  # weighted 1:3
+    assert [is_norm_statistic(k) for k in ("a.running_var", "a.weight", "running_mean.bias")] \
+        == [True, False, False]
+
+
 def test_a_sites_refusal_is_logged_and_audited_with_its_reason(tmp_path):
     """A site refusing the student (say, a bad signature) answers an error reply: the server
     audits it with the site's name and reason and aggregates the others."""
@@ -209,3 +251,29 @@ def test_eval_every_sends_evaluations_only_on_due_rounds_and_the_last(tmp_path):
     due = [r for r in range(1, 4)
            if list(resumed.configure_evaluate(r, record, ConfigRecord(), _Grid(NAMES)))]
     assert due == [2, 3]  # rounds 6 and 7 of the run
+
+
+def test_a_checkpoint_of_another_network_is_not_resumed(tmp_path):
+    """A run folder whose checkpoints hold a student without batch norm (an older version of
+    the preset) is refused with the folder named, not loaded into the wrong network."""
+    import dataclasses
+
+    from common.config import load_run_config
+    from common.models import PRESETS, ModelSpec
+    from server.protocol import check_resumable, initial_student_arrays
+    from server.state import RunFolder
+
+    run = load_run_config({"preset": "tiny", "output-dir": str(tmp_path / "run")})
+    folder = RunFolder(run)
+    student = initial_student_arrays(run)
+    check_resumable(folder, 3, student, student)  # its own network: fine
+    options = {k: v for k, v in PRESETS["student-tiny"].to_dict()["kwargs"].items()
+               if k != "norm"}
+    PRESETS["student-old"] = ModelSpec("UNet", options)  # MONAI's default: instance norm
+    try:
+        saved = initial_student_arrays(dataclasses.replace(run, student_model="student-old"))
+    finally:
+        del PRESETS["student-old"]
+    with pytest.raises(RuntimeError, match=r"checkpoints: the round-3 student does not fit.*"
+                                           r"running_mean: missing"):
+        check_resumable(folder, 3, saved, student)
