@@ -263,12 +263,15 @@ def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None and self.sent_arrays is not None:
                 arrays = _like(arrays, self.sent_arrays)
-            if arrays is not None and any(is_norm_statistic(k) for k in arrays.keys()):
+            # FedAvg and FedProx already give the statistics' mean; FedAdam steps them, DP noises
+            norm = [k for k in arrays.keys() if is_norm_statistic(k)] if arrays is not None else []
+            if norm and (dp or run.strategy == "fedadam"):
                 settled = settle_norm_statistics(
-                    {k: v.numpy() for k, v in arrays.items()},
-                    [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in replies],
+                    {k: arrays[k].numpy() for k in norm},
+                    [{k: m.content["arrays"][k].numpy() for k in norm} for m in replies],
                     [float(m.content["metrics"][WEIGHT_KEY]) for m in replies], noised=dp)
-                arrays = ArrayRecord({k: Array(v) for k, v in settled.items()})
+                for k, v in settled.items():
+                    arrays[k] = Array(v)
             if arrays is not None and dp:
                 z_eff = effective_noise_multiplier(run.dp_noise_multiplier, run.num_sites,
                                                    len(replies))
