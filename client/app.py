@@ -1,20 +1,13 @@
-"""The fedbrats ClientApp: one instance per site. Handlers unpack messages and call
-``client/site.py``; the teacher's weights and the scans never leave the site.
-
-Message types answered:
-
-==================  =========================================================================
-``query.info``      the site's facts (population, case counts, contrasts, data-check summary)
-``train.teacher``   phase 1: train (or reuse) the site's teacher; replies with metrics only
-``train``           phase 2: one distillation round on the sent student; replies student + metrics
-``evaluate``        the sent student on the validation cases (per-round curve)
-``evaluate.final``  the final student beside the site's teacher, and with each contrast removed
-==================  =========================================================================
+"""The fedbrats ClientApp: one instance per site. Handlers unpack messages and call the plain
+functions of ``client/`` (data.py, teacher.py, distill.py, evaluate.py); the teacher's weights and
+the scans never leave the site. The messages it answers are listed in ``common/wire.py``.
 
 Privacy and integrity: with the node setting ``consortium-public-key`` a site uses a student only
-if the server's Ed25519 signature of it verifies (``common.signing``), and answers an error reply
+if the server's Ed25519 signature of it verifies (``fedbrats.common.security.signing``), and answers
+an error reply
 otherwise. The ``train`` handler carries two mods: Flower's ``secaggplus_mod`` for SecAgg+
-rounds (``secure-aggregation``; ``client.secagg``) and ``fixedclipping_mod`` when the server runs
+rounds (``secure-aggregation``; ``fedbrats.client.secagg``) and ``fixedclipping_mod`` when the
+server runs
 with differential privacy (``dp_clipping_mod``); each stays out of the way of other messages.
 """
 
@@ -28,22 +21,16 @@ from flwr.clientapp import ClientApp
 from flwr.common import log as flwr_log
 from flwr.common.constant import ErrorCode
 
-from common.config import RunConfig, SiteConfig, load_run_config, site_from_node_config
+from fedbrats.common import wire
+from fedbrats.common.config import RunConfig, SiteConfig, load_run_config, site_from_node_config
+from fedbrats.common.utils.code import code_location
+from fedbrats.common.wire import PUBLIC_KEY_SETTING, WEIGHT_KEY
 
 app = ClientApp()
-
-WEIGHT_KEY = "fedbrats-weight"
-"""Every train/evaluate reply carries it; the server's strategy aggregates weighted by it."""
-
 
 def _setup(context: Context) -> tuple[RunConfig, SiteConfig]:
     run = load_run_config(context.run_config)
     return run, site_from_node_config(context.node_config, run)
-
-
-PUBLIC_KEY_SETTING = "consortium-public-key"
-"""Node setting: path of the consortium's Ed25519 public key. When set, the site uses a student
-only if the server's signature of it (in the instruction's ConfigRecord) verifies."""
 
 
 def _refuse_unsigned(msg: Message, context: Context) -> Message | None:
@@ -55,13 +42,13 @@ def _refuse_unsigned(msg: Message, context: Context) -> Message | None:
     key = context.node_config.get(PUBLIC_KEY_SETTING)
     if not key:
         return None
-    from common.signing import SIGNATURE_CONFIG_KEY, SignatureError, verify_arrays
+    from fedbrats.common.security.signing import SignatureError, verify_arrays
 
     who = context.node_config.get("population") or f"node {msg.metadata.dst_node_id}"
     try:
-        config = msg.content.config_records.get("config")
-        signature = config.get(SIGNATURE_CONFIG_KEY) if config is not None else None
-        verify_arrays(msg.content["arrays"], signature, str(key),
+        config = msg.content.config_records.get(wire.CONFIG)
+        signature = config.get(wire.SIGNATURE_CONFIG_KEY) if config is not None else None
+        verify_arrays(msg.content[wire.ARRAYS], signature, str(key),
                       what=f"student sent for {msg.metadata.message_type}")
     except (SignatureError, KeyError) as e:
         reason = f"site {who}: student signature check failed: {e}"
@@ -82,7 +69,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.clientapp.mod import fixedclipping_mod
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    config = msg.content.config_records.get("config") if msg.has_content() else None
+    config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
@@ -92,7 +79,7 @@ def _weight(run: RunConfig, site: SiteConfig) -> float:
     """Equal weight per population, or the number of training cases."""
     if run.aggregation == "equal":
         return 1.0
-    from client.site import load_site_data
+    from fedbrats.client.data import load_site_data
 
     return float(len(load_site_data(site, run).train_cases))
 
@@ -108,44 +95,45 @@ def flatten_scores(scores: dict | None, prefix: str) -> dict[str, float]:
     return out
 
 
-@app.query("info")
+@app.query(wire.action(wire.INFO))
 def info(msg: Message, context: Context) -> Message:
-    from client.site import site_info
+    from fedbrats.client.data import site_info
 
     run, site = _setup(context)
     facts = site_info(site, run)
     config = ConfigRecord({
         "population": facts["population"],
         "problems": [str(p) for p in facts["problems"]] or [""],
+        wire.CODE_KEY: code_location(),
     })
     metrics = MetricRecord({k: int(v) for k, v in facts.items()
                             if isinstance(v, int) and not isinstance(v, bool)})
     for contrast, n in facts["contrasts_present"].items():
         metrics[f"contrast.{contrast}"] = int(n)
-    return Message(RecordDict({"info": config, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({wire.INFO_RECORD: config, wire.METRICS: metrics}), reply_to=msg)
 
 
-@app.train("teacher")
+@app.train(wire.action(wire.TEACHER))
 def train_teacher(msg: Message, context: Context) -> Message:
-    from client.site import train_teacher as _train_teacher
+    from fedbrats.client.teacher import train_teacher as train_site_teacher
 
     run, site = _setup(context)
-    metrics = _train_teacher(site, run)
+    metrics = train_site_teacher(site, run)
     record = MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
     # Metrics only: the teacher stays in site.work_dir.
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: record}), reply_to=msg)
 
 
 def _secagg_mod(msg: Message, context: Context, call_next) -> Message:
-    from client.secagg import secagg_mod
+    from fedbrats.client.secagg import secagg_mod
 
     return secagg_mod(msg, context, call_next)
 
 
 @app.train(mods=[_secagg_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    from client.secagg import is_secagg_train, secagg_train
-    from client.site import distill_round
+    from fedbrats.client.distill import distill_round
+    from fedbrats.client.secagg import is_secagg_train, secagg_train
 
     if is_secagg_train(msg):  # secure aggregation: Flower's SecAgg+ masks what we return
         key = context.node_config.get(PUBLIC_KEY_SETTING)
@@ -153,41 +141,41 @@ def train(msg: Message, context: Context) -> Message:
     if (refused := _refuse_unsigned(msg, context)) is not None:
         return refused
     run, site = _setup(context)
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
-    student = msg.content["arrays"].to_torch_state_dict()
-    mu = float(config.get("proximal-mu", 0.0))
+    config = msg.content[wire.CONFIG]
+    server_round = int(config.get(wire.SERVER_ROUND, 0)) + int(config.get(wire.ROUND_OFFSET, 0))
+    student = msg.content[wire.ARRAYS].to_torch_state_dict()
+    mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     state, metrics = distill_round(site, run, student, server_round, proximal_mu=mu)
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
     record[WEIGHT_KEY] = _weight(run, site)
     return Message(
-        RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg
+        RecordDict({wire.ARRAYS: ArrayRecord(state), wire.METRICS: record}), reply_to=msg
     )
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.site import evaluate_site
+    from fedbrats.client.evaluate import evaluate_site
 
     if (refused := _refuse_unsigned(msg, context)) is not None:
         return refused
     run, site = _setup(context)
-    student = msg.content["arrays"].to_torch_state_dict()
+    student = msg.content[wire.ARRAYS].to_torch_state_dict()
     result = evaluate_site(site, run, student)
     record = MetricRecord(flatten_scores(result["student"], "student"))
     record[WEIGHT_KEY] = _weight(run, site)
     record["num-val"] = int(result["num_val"])
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: record}), reply_to=msg)
 
 
-@app.evaluate("final")
+@app.evaluate(wire.action(wire.FINAL))
 def evaluate_final(msg: Message, context: Context) -> Message:
-    from client.site import evaluate_site
+    from fedbrats.client.evaluate import evaluate_site
 
     if (refused := _refuse_unsigned(msg, context)) is not None:
         return refused
     run, site = _setup(context)
-    student = msg.content["arrays"].to_torch_state_dict()
+    student = msg.content[wire.ARRAYS].to_torch_state_dict()
     result = evaluate_site(site, run, student, with_teacher=True, missing_contrasts=True,
                            tta=run.final_tta)
     record = MetricRecord({
@@ -197,4 +185,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     for contrast, scores in (result["student_missing"] or {}).items():
         record.update(flatten_scores(scores, f"student_missing.{contrast}"))
     record["num-val"] = int(result["num_val"])
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: record}), reply_to=msg)
+
+
+__all__ = ["app", "dp_clipping_mod", "flatten_scores"]

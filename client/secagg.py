@@ -19,15 +19,14 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.common import log as flwr_log
 
-__all__ = ["KEYS_CONFIG", "LEGACY_PARAMS", "RANGE_CONFIG", "is_secagg_train", "secagg_mod",
-           "secagg_train"]
+from fedbrats.common import wire
+from fedbrats.common.config import load_run_config, site_from_node_config
+from fedbrats.common.wire import KEYS_CONFIG, RANGE_CONFIG
+
+__all__ = ["LEGACY_PARAMS", "is_secagg_train", "secagg_mod", "secagg_train"]
 
 LEGACY_PARAMS = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
-KEYS_CONFIG = "fedbrats-keys"
-"""Config key: the student's array names, newline-separated, in the order of the parameters."""
-RANGE_CONFIG = "fedbrats-secagg-range"
-"""Config key: the SecAgg+ clipping range, so that a site can warn when its update exceeds it."""
 
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
@@ -61,8 +60,7 @@ def secagg_train(msg: Message, context: Context, public_key: str | None = None) 
     from flwr.compat.common import recorddict_compat as compat
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    from client.app import _setup
-    from client.site import distill_round
+    from fedbrats.client.distill import distill_round
 
     config = msg.content.config_records[LEGACY_CONFIG]
     keys = str(config[KEYS_CONFIG]).split("\n")
@@ -71,20 +69,24 @@ def secagg_train(msg: Message, context: Context, public_key: str | None = None) 
     if len(keys) != len(sent):
         raise ValueError(f"secure aggregation: {len(sent)} arrays sent but {len(keys)} names")
     student = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, sent, strict=True)}
-    run, site = _setup(context)
+    run = load_run_config(context.run_config)
+    site = site_from_node_config(context.node_config, run)
     if public_key:
-        from common.signing import SIGNATURE_CONFIG_KEY, SignatureError, verify_arrays
+        from fedbrats.common.security.signing import (
+            SignatureError,
+            verify_arrays,
+        )
 
         try:
-            verify_arrays(student, config.get(SIGNATURE_CONFIG_KEY), public_key,
+            verify_arrays(student, config.get(wire.SIGNATURE_CONFIG_KEY), public_key,
                           what="student sent for train (secure aggregation)")
         except SignatureError as e:
             raise SignatureError(f"site {site.population}: student signature check failed: "
                                  f"{e}") from None
 
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    server_round = int(config.get(wire.SERVER_ROUND, 0)) + int(config.get(wire.ROUND_OFFSET, 0))
     state, metrics = distill_round(site, run, student, server_round,
-                                   proximal_mu=float(config.get("proximal-mu", 0.0)))
+                                   proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)))
     update = [state[k].detach().cpu().numpy().astype(a.dtype) - a
               for k, a in zip(keys, sent, strict=True)]
     # batch norm's step counter (unused: the layers average with a fixed momentum) would

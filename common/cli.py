@@ -1,8 +1,12 @@
-"""The ``fedbrats`` command line.
+"""The ``fedbrats`` command line: the dispatcher.
 
-Each subcommand lives beside the code it drives and registers itself here through a
-``register_*(subparsers)`` function that only declares arguments; heavy imports (torch, MONAI,
-nibabel) happen inside the command, so ``fedbrats --help`` answers at once.
+Each subcommand lives beside the code it drives, in whichever layer that is (``fedbrats
+simulate`` in ``simulation/``, ``fedbrats predict`` in ``common/inference/``), and is declared
+as an entry point of the group ``fedbrats.commands`` in pyproject.toml: a
+``register_*(subparsers)`` function that only declares arguments. The dispatcher loads them by
+name, so it imports no higher layer; heavy imports (torch, MONAI, nibabel) happen inside the
+command, so ``fedbrats --help`` answers at once. To add a command: write its ``register_*``
+function, add it to ``[project.entry-points."fedbrats.commands"]`` and to :data:`ORDER`.
 """
 
 from __future__ import annotations
@@ -11,16 +15,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
-from common.certs import register_certs
-from common.evaluate import register_evaluate
-from common.explain import register_explain
-from common.predict import register_predict
-from common.signing import register_keys
-from common.verify import register_verify_data
-from simulation.bench_quality import register_bench
-from simulation.cli import register_snapshot, register_synth
-from simulation.run import register_simulate
+COMMAND_GROUP = "fedbrats.commands"
+ORDER = ("synth", "snapshot", "verify-data", "simulate", "predict", "explain", "evaluate",
+         "certs", "keys", "bench")
+"""The order of the commands in ``fedbrats --help``; others (plug-ins) follow by name."""
 
 DESCRIPTION = """\
 fedbrats: federated multi-population knowledge distillation for brain-tumour segmentation.
@@ -41,16 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log debug messages"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register_synth(sub)
-    register_snapshot(sub)
-    register_verify_data(sub)
-    register_simulate(sub)
-    register_predict(sub)
-    register_explain(sub)
-    register_evaluate(sub)
-    register_certs(sub)
-    register_keys(sub)
-    register_bench(sub)
+    commands = {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+    if not commands:
+        raise SystemExit(f"fedbrats: no commands registered in the entry-point group "
+                         f"{COMMAND_GROUP!r}; install the project (pip install -e .)")
+    rank = {name: i for i, name in enumerate(ORDER)}
+    for name in sorted(commands, key=lambda n: (rank.get(n, len(ORDER)), n)):
+        commands[name].load()(sub)
     return parser
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.contract import CONTRASTS, POPULATIONS, check_population
-from common.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, check_population
+from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
@@ -112,7 +112,7 @@ class RunConfig:
     output_dir: str = "runs/demo"
     data_root: str = "data/phantoms"
     """Simulation only: site ``i`` reads ``data_root/<population i>``."""
-    # privacy and integrity (see server/privacy.py, common/signing.py)
+    # privacy and integrity (see server/privacy.py, common/security/signing.py)
     signing_key: str = ""
     """Path of the server's Ed25519 private key (``fedbrats keys``): the server signs every
     checkpoint, the final student.pt and the student it sends each round. "" = unsigned."""
@@ -128,8 +128,8 @@ class RunConfig:
     the sites' updates (server/secagg.py)."""
 
     def __post_init__(self) -> None:
-        from common.models import PRESETS as MODEL_PRESETS
-        from common.models import resolve_spec
+        from fedbrats.common.networks.models import PRESETS as MODEL_PRESETS
+        from fedbrats.common.networks.models import resolve_spec
 
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:

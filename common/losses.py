@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.contract import NUM_CLASSES
+from fedbrats.common.data.contract import NUM_CLASSES
 
 __all__ = [
     "FEATURE_KINDS",

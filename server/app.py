@@ -18,16 +18,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import WEIGHT_KEY
-from common.config import RunConfig, load_run_config
-from server.protocol import (
-    build_strategy,
+from fedbrats.common import wire
+from fedbrats.common.config import RunConfig, load_run_config
+from fedbrats.common.utils.code import code_location
+from fedbrats.server.protocol import (
     check_resumable,
     initial_student_arrays,
     parse_scores,
     teacher_arrays_in,
 )
-from server.state import RunFolder
+from fedbrats.server.state import RunFolder
+from fedbrats.server.strategy import build_strategy
 
 app = ServerApp()
 
@@ -48,6 +49,7 @@ def _wait_for_sites(grid: Grid, n: int, timeout_s: float = 600.0) -> list[int]:
 def _send(grid: Grid, nodes: list[int], message_type: str, content_fn, timeout: float,
           folder: RunFolder, phase: str, names: dict[int, str] | None = None
           ) -> dict[int, Message]:
+    """Send ``content_fn()`` to every node, wait; audit each reply; the replies without error."""
     messages = [Message(content_fn(), dst_node_id=n, message_type=message_type) for n in nodes]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
     for node in nodes:
@@ -68,7 +70,7 @@ def _load_signer(run: RunConfig):
     """The server's Ed25519 signing key (run setting signing-key), or None: fail before phase 1."""
     if not run.signing_key:
         return None
-    from common.signing import load_private_key, public_key_fingerprint
+    from fedbrats.common.security.signing import load_private_key, public_key_fingerprint
 
     key = load_private_key(run.signing_key)
     log(INFO, "fedbrats: signing checkpoints, student.pt and the students sent with %s (%s)",
@@ -76,50 +78,50 @@ def _load_signer(run: RunConfig):
     return key
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    run: RunConfig = load_run_config(context.run_config)
-    folder = RunFolder(run)
-    folder.check_and_write_config()
-    signer = _load_signer(run)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    phase_seconds: dict[str, float] = folder.read_json("phases.json", {})
-
+def query_sites(grid: Grid, run: RunConfig, folder: RunFolder
+                ) -> tuple[list[int], dict[int, str], dict[str, dict], dict[str, str]]:
+    """Wait for the sites and ask each for its facts: ``(nodes, population of each node,
+    {population: {"info": facts}}, {population: where its code runs from})``."""
     log(INFO, "fedbrats: waiting for %d sites", run.num_sites)
     nodes = _wait_for_sites(grid, run.num_sites)
-
-    # -- site facts ---------------------------------------------------------------------------
     log(INFO, "fedbrats: querying %d sites", len(nodes))
-    replies = _send(grid, nodes, "query.info", lambda: RecordDict({"config": ConfigRecord()}),
+    replies = _send(grid, nodes, wire.INFO, lambda: RecordDict({wire.CONFIG: ConfigRecord()}),
                     600.0, folder, "info")
-    names = {n: str(r.content["info"]["population"]) for n, r in replies.items()}
+    names = {n: str(r.content[wire.INFO_RECORD]["population"]) for n, r in replies.items()}
     sites: dict[str, dict] = {
-        names[n]: {"info": {k: v for k, v in r.content["metrics"].items()}}
+        names[n]: {"info": {k: v for k, v in r.content[wire.METRICS].items()}}
         for n, r in replies.items()
     }
+    codes = {names[n]: str(r.content[wire.INFO_RECORD].get(wire.CODE_KEY, ""))
+             for n, r in replies.items()}
     for pop, s in sites.items():
         log(INFO, "  %s: %d train / %d validation cases", pop, s["info"]["num_train"],
             s["info"]["num_val"])
     if len(names) < run.num_sites:
         raise RuntimeError(f"only {len(names)} of {run.num_sites} sites answered the info query")
+    return nodes, names, sites, codes
 
-    # -- phase 1: teachers ------------------------------------------------------------------
-    t0 = time.monotonic()
+
+def train_teachers(grid: Grid, folder: RunFolder, nodes: list[int], names: dict[int, str],
+                   sites: dict[str, dict]) -> None:
+    """Phase 1: every site trains (or reuses) its teacher, in parallel; metrics come back."""
     log(INFO, "fedbrats: phase 1, training the teachers at the sites")
-    replies = _send(grid, nodes, "train.teacher", lambda: RecordDict({"config": ConfigRecord()}),
+    replies = _send(grid, nodes, wire.TEACHER,
+                    lambda: RecordDict({wire.CONFIG: ConfigRecord()}),
                     LONG_TIMEOUT_S, folder, "teacher", names)
     for n, r in replies.items():
-        m = dict(r.content["metrics"])
+        m = dict(r.content[wire.METRICS])
         sites[names[n]]["teacher_training"] = m
         log(INFO, "  %s teacher: WT Dice %.3f%s", names[n], m.get("WT_dice", float("nan")),
             " (reused)" if m.get("reused") else "")
     if len(replies) < len(nodes):
         raise RuntimeError("phase 1 failed at some sites; see the log and audit.jsonl")
-    phase_seconds["teachers"] = phase_seconds.get("teachers", 0.0) + time.monotonic() - t0
     folder.write_json("sites.json", sites)
 
-    # -- phase 2: distillation rounds ---------------------------------------------------------
-    t0 = time.monotonic()
+
+def _resume_point(run: RunConfig, folder: RunFolder, signer):
+    """``(rounds done, the rounds.json entries kept, the student to start from, checkpoint)``;
+    a signed run refuses a checkpoint whose signature does not verify."""
     ckpt = folder.latest_checkpoint()
     done = ckpt.round if ckpt else 0
     rounds: list[dict] = [r for r in folder.read_json("rounds.json", []) if r["round"] <= done]
@@ -128,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         check_resumable(folder, done, arrays, initial_student_arrays(run))
         log(INFO, "fedbrats: resuming after round %d of %d", done, run.num_rounds)
         if signer is not None:
-            from common.signing import sig_path, verify_file
+            from fedbrats.common.security.signing import sig_path, verify_file
 
             path = folder.path / "checkpoints" / f"round-{done:03d}.pt"
             if sig_path(path).exists():
@@ -136,9 +138,17 @@ def main(grid: Grid, context: Context) -> None:
             else:
                 log(WARNING, "fedbrats: %s has no signature (written before signing-key was "
                     "set); resuming from it anyway", path)
+    return done, rounds, arrays, ckpt
+
+
+def distil(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
+           names: dict[int, str], signer) -> ArrayRecord:
+    """Phase 2: the distillation rounds not yet done, with the run's Flower strategy (or
+    SecAgg+); the global student is checkpointed after every round. Returns the final student."""
+    done, rounds, arrays, ckpt = _resume_point(run, folder, signer)
     final_arrays = ArrayRecord(arrays)
     if done < run.num_rounds and run.secure_aggregation:
-        from server.secagg import secagg_rounds
+        from fedbrats.server.secagg import secagg_rounds
 
         log(INFO, "fedbrats: phase 2, %d distillation rounds aggregated with SecAgg+ (the "
             "server sees only the mean update)", run.num_rounds - done)
@@ -153,48 +163,79 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(
             grid=grid, initial_arrays=final_arrays, num_rounds=run.num_rounds - done,
             timeout=run.round_timeout,
-            train_config=ConfigRecord({"round-offset": done}),
-            evaluate_config=ConfigRecord({"round-offset": done}),
+            train_config=ConfigRecord({wire.ROUND_OFFSET: done}),
+            evaluate_config=ConfigRecord({wire.ROUND_OFFSET: done}),
         )
         final_arrays = result.arrays
-    phase_seconds["distillation"] = phase_seconds.get("distillation", 0.0) + time.monotonic() - t0
-    folder.write_json("phases.json", phase_seconds)
+    return final_arrays
+
+
+def evaluate_final(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[int],
+                   names: dict[int, str], sites: dict[str, dict], final_arrays: ArrayRecord,
+                   signer) -> None:
+    """Save (and sign) the final student; each site scores it beside its teacher."""
     student_path = folder.save_student(final_arrays.to_torch_state_dict(), run.num_rounds)
     log(INFO, "fedbrats: final student saved to %s", student_path)
     final_config = ConfigRecord()
     if signer is not None:
-        from common.signing import SIGNATURE_CONFIG_KEY, sign_arrays, sign_file
+        from fedbrats.common.security.signing import SIGNATURE_CONFIG_KEY, sign_arrays, sign_file
 
         log(INFO, "fedbrats: signature written to %s", sign_file(student_path, signer))
         final_config[SIGNATURE_CONFIG_KEY] = sign_arrays(final_arrays, signer)
-
-    # -- final evaluation ---------------------------------------------------------------------
-    t0 = time.monotonic()
     log(INFO, "fedbrats: final evaluation of the student beside each site's teacher")
-    replies = _send(grid, nodes, "evaluate.final",
-                    lambda: RecordDict({"arrays": final_arrays, "config": final_config}),
+    replies = _send(grid, nodes, wire.FINAL,
+                    lambda: RecordDict({wire.ARRAYS: final_arrays, wire.CONFIG: final_config}),
                     LONG_TIMEOUT_S, folder, "final", names)
     for n, r in replies.items():
-        sites[names[n]].update(parse_scores(r.content["metrics"]))
-    phase_seconds["evaluation"] = time.monotonic() - t0
-    folder.write_json("phases.json", phase_seconds)
+        sites[names[n]].update(parse_scores(r.content[wire.METRICS]))
     folder.write_json("sites.json", sites)
 
-    from server.privacy import privacy_summary
-    from server.report import summary_table, write_report
 
+def report(run: RunConfig, folder: RunFolder, sites: dict[str, dict], started: str,
+           phase_seconds: dict[str, float], code: dict) -> None:
+    """``report.json``, ``report.md`` and the charts in the run folder."""
+    from fedbrats.server.privacy import privacy_summary
+    from fedbrats.server.report import summary_table, write_report
+
+    rounds = folder.read_json("rounds.json", [])
     paths = write_report(
         folder.path,
         {"config": run.to_dict(), "started": started,
          "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-         "phase_seconds": phase_seconds,
-         "privacy": privacy_summary(run, folder.read_json("rounds.json", []))},
-        sites,
-        folder.read_json("rounds.json", []),
+         "phase_seconds": phase_seconds, "code": code,
+         "privacy": privacy_summary(run, rounds)},
+        sites, rounds,
     )
     log(INFO, "fedbrats: report written to %s", paths["markdown"])
     # `fedbrats simulate` prints the table itself once the run is over; at INFO it came twice
     log(DEBUG, "\n%s", summary_table(str(paths["json"])))
 
 
-__all__ = ["app", "WEIGHT_KEY"]
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The protocol: site facts, phase 1 (teachers), phase 2 (distillation), final evaluation."""
+    run: RunConfig = load_run_config(context.run_config)
+    folder = RunFolder(run)
+    folder.check_and_write_config()
+    signer = _load_signer(run)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    phase_seconds: dict[str, float] = folder.read_json("phases.json", {})
+
+    def timed(phase: str, fn, *args, accumulate: bool = True):
+        t0 = time.monotonic()
+        out = fn(*args)
+        before = phase_seconds.get(phase, 0.0) if accumulate else 0.0
+        phase_seconds[phase] = before + time.monotonic() - t0
+        folder.write_json("phases.json", phase_seconds)
+        return out
+
+    nodes, names, sites, codes = query_sites(grid, run, folder)
+    timed("teachers", train_teachers, grid, folder, nodes, names, sites)
+    final_arrays = timed("distillation", distil, grid, context, run, folder, names, signer)
+    timed("evaluation", evaluate_final, grid, run, folder, nodes, names, sites, final_arrays,
+          signer, accumulate=False)
+    report(run, folder, sites, started, phase_seconds,
+           {"server": code_location(), "sites": codes})
+
+
+__all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_teachers"]

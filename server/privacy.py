@@ -162,7 +162,8 @@ def _field(run: Any, name: str, default: Any = None) -> Any:
 def privacy_summary(run: Any, rounds: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """What the report says about differential privacy; ``None`` when the run had none.
 
-    ``run``: the :class:`~common.config.RunConfig` (or its dict); ``rounds``: ``rounds.json``,
+    ``run``: the :class:`~fedbrats.common.config.RunConfig` (or its dict); ``rounds``:
+    ``rounds.json``,
     where the strategy wrote ``{"dp": {"sites_aggregated": m, "noise_multiplier": z_eff}}``
     into every round it released with noise.
     """

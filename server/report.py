@@ -14,7 +14,8 @@ Plain functions, no Flower. The server collects three things during a run and ha
 ``run``
     ``{"config": {...}, "started": iso, "finished": iso, "phase_seconds": {phase: seconds}}``.
 
-Conventions: sites are listed in contract order (:data:`common.contract.POPULATIONS`), any other
+Conventions: sites are listed in contract order (:data:`fedbrats.common.data.contract.POPULATIONS`),
+any other
 site after them in alphabetical order. Missing, non-finite or non-numeric values are ``null`` in
 the JSON (which is strict: no ``NaN``/``Infinity`` tokens) and "—" in the Markdown. Each summary
 difference is student minus teacher. The "mean (equal weight)" row weights every listed site
@@ -35,9 +36,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common.contract import CONTRASTS, POPULATION_NAMES, POPULATIONS, REGIONS
-from common.scores import COUNT_KEYS, mean_metrics
-from common.scores import finite_or_none as _num
+from fedbrats.common.data.contract import CONTRASTS, POPULATION_NAMES, POPULATIONS, REGIONS
+from fedbrats.common.metrics.scores import COUNT_KEYS, mean_metrics
+from fedbrats.common.metrics.scores import finite_or_none as _num
+from fedbrats.common.utils.plotting import pyplot
+from fedbrats.common.utils.tables import markdown_table
 
 __all__ = [
     "COUNT_KEYS",
@@ -255,15 +258,9 @@ def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     return f"{v:.{digits}f}"
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
-    align = align or ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table; by default the first column left-aligned, the others right-aligned."""
+    return markdown_table(header, rows, align or ["l"] + ["r"] * (len(header) - 1))
 
 
 def _metric_table(summary: Mapping, metric: str, digits: int = 3) -> str:
@@ -418,8 +415,8 @@ def _dropout_note(config: Mapping) -> str:
             "removed is one the student did not learn to do without.")
 
 
-def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
-    config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+def _facts_markdown(run: Mapping, config: Mapping, rounds: list) -> list[str]:
+    """The title and the run's facts: settings, rounds, start, end and durations."""
     phases = run.get("phase_seconds") if isinstance(run.get("phase_seconds"), Mapping) else {}
     out = ["# fedbrats report: federated multi-population distillation", ""]
 
@@ -443,9 +440,11 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
         vals = [_num(v) for v in phases.values()]
         total = sum(v for v in vals if v is not None) if any(v is not None for v in vals) else None
     fact("total time", _duration(total))
-    out.append("")
+    return out + [""]
 
-    out += ["## Sites", ""]
+
+def _sites_markdown(sites: Mapping, summary: Mapping) -> list[str]:
+    """The "Sites" section: case counts, contrasts and which results are missing, per site."""
     rows = []
     for name in summary.get("order", []):
         site = sites.get(name) if isinstance(sites.get(name), Mapping) else {}
@@ -462,130 +461,127 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
                 "ok" if not status else "no " + " / ".join(status) + " result",
             ]
         )
-    out += [
-        _table(
-            ["population", "train cases", "val cases", "contrasts", "status"],
-            rows,
-            ["---", "---:", "---:", "---", "---"],
-        )
-        if rows
-        else "No sites reported.",
-        "",
-    ]
+    if not rows:
+        return ["## Sites", "", "No sites reported.", ""]
+    header = ["population", "train cases", "val cases", "contrasts", "status"]
+    return ["## Sites", "", _table(header, rows, ["l", "r", "r", "l", "l"]), ""]
 
-    out += [
-        "## Dice: teacher vs student",
-        "",
-        "Mean over each site's validation cases; diff = student - teacher (higher is better)."
-        + _tta_note(config),
-        "",
-        _metric_table(summary, "dice"),
-        "",
+
+def _scores_markdown(summary: Mapping, config: Mapping) -> list[str]:
+    """The four teacher-vs-student sections (Dice, lesion-wise Dice, HD95, lesion-wise HD95),
+    with a note on how the means treat missing values when some are missing."""
+    sections = [
+        ("## Dice: teacher vs student",
+         "Mean over each site's validation cases; diff = student - teacher (higher is better)."
+         + _tta_note(config), "dice", 3),
+        ("## Lesion-wise Dice: teacher vs student",
+         "BraTS 2023 lesion-wise Dice; diff = student - teacher (higher is better).",
+         "lesion_dice", 3),
+        ("## HD95 (mm): teacher vs student",
+         "95th-percentile Hausdorff distance in mm, lower is better; diff = student - teacher.",
+         "hd95", 2),
+        ("## Lesion-wise HD95 (mm): teacher vs student",
+         "Lower is better; diff = student - teacher.", "lesion_hd95", 2),
     ]
-    out += [
-        "## Lesion-wise Dice: teacher vs student",
-        "",
-        "BraTS 2023 lesion-wise Dice; diff = student - teacher (higher is better).",
-        "",
-        _metric_table(summary, "lesion_dice"),
-        "",
-    ]
-    out += [
-        "## HD95 (mm): teacher vs student",
-        "",
-        "95th-percentile Hausdorff distance in mm, lower is better; diff = student - teacher.",
-        "",
-        _metric_table(summary, "hd95", digits=2),
-        "",
-    ]
-    out += [
-        "## Lesion-wise HD95 (mm): teacher vs student",
-        "",
-        "Lower is better; diff = student - teacher.",
-        "",
-        _metric_table(summary, "lesion_hd95", digits=2),
-        "",
-    ]
+    out: list[str] = []
+    for heading, text, metric, digits in sections:
+        out += [heading, "", text, "", _metric_table(summary, metric, digits=digits), ""]
+    return out + _unpaired_note(summary)
+
+
+def _unpaired_note(summary: Mapping) -> list[str]:
+    """Which results are missing and what the mean rows then are; nothing when none is."""
     unpaired = any(
         not (c["n_paired"] == c["n_teacher"] == c["n_student"])
         for region in summary["mean"].values()
         for c in region.values()
     )
-    if unpaired:
-        failed = "; ".join(
-            f"no {role} result: {', '.join(names)}"
-            for role, names in summary["failed"].items()
-            if names
-        )
-        out += [
-            f"Some values are missing ({failed or 'see the dashes above'}). In the mean "
-            "rows, teacher and student are means over the sites that have them, and diff is "
-            "the mean of the per-site differences (sites with both).",
-            "",
-        ]
+    if not unpaired:
+        return []
+    failed = "; ".join(
+        f"no {role} result: {', '.join(names)}"
+        for role, names in summary["failed"].items()
+        if names
+    )
+    return [
+        f"Some values are missing ({failed or 'see the dashes above'}). In the mean "
+        "rows, teacher and student are means over the sites that have them, and diff is "
+        "the mean of the per-site differences (sites with both).",
+        "",
+    ]
 
+
+def _ablation_markdown(summary: Mapping, config: Mapping) -> list[str]:
+    """The "Student with one contrast removed" section; nothing without that ablation."""
     ablation = summary.get("missing_modality") or {}
-    if ablation:
-        contrasts: list[str] = []
-        for per in ablation.values():
-            contrasts += [c for c in per if c not in contrasts]
-        out += [
-            "## Student with one contrast removed",
-            "",
-            "Dice WT / TC / ET of the student with all contrasts, and with each contrast "
-            "removed (filled as a missing contrast)." + _dropout_note(config),
-            "",
-        ]
-        rows = []
-        for name, per in ablation.items():
-            full = " / ".join(
-                _fmt(_get(summary, "populations", name, r, "dice", "student")) for r in _REGIONS
+    if not ablation:
+        return []
+    contrasts: list[str] = []
+    for per in ablation.values():
+        contrasts += [c for c in per if c not in contrasts]
+    rows = []
+    for name, per in ablation.items():
+        full = " / ".join(
+            _fmt(_get(summary, "populations", name, r, "dice", "student")) for r in _REGIONS
+        )
+        row = [_site_label(name), full]
+        for c in contrasts:
+            row.append(
+                " / ".join(_fmt(_get(per, c, r, "dice")) for r in _REGIONS)
+                if c in per
+                else MISSING
             )
-            row = [_site_label(name), full]
-            for c in contrasts:
-                row.append(
-                    " / ".join(_fmt(_get(per, c, r, "dice")) for r in _REGIONS)
-                    if c in per
-                    else MISSING
-                )
-            rows.append(row)
-        out += [
-            _table(["population", "all contrasts"] + [f"without {c}" for c in contrasts], rows),
-            "",
-        ]
+        rows.append(row)
+    return [
+        "## Student with one contrast removed",
+        "",
+        "Dice WT / TC / ET of the student with all contrasts, and with each contrast "
+        "removed (filled as a missing contrast)." + _dropout_note(config),
+        "",
+        _table(["population", "all contrasts"] + [f"without {c}" for c in contrasts], rows),
+        "",
+    ]
 
-    out += ["## Training loss per round", ""]
+
+def _training_markdown(rounds: list) -> list[str]:
+    """The "Training loss per round" section."""
+    out = ["## Training loss per round", ""]
     train_sites = _round_sites(rounds, "train")
-    if rounds and train_sites:
-        rows = []
-        for i, r in enumerate(rounds):
-            train = r.get("train") if isinstance(r, Mapping) else None
-            rows.append(
-                [str(_round_number(r, i))] + [_fmt(_get(train, s, "loss"), 4) for s in train_sites]
-            )
-        out += [
-            "Mean local distillation loss of each site's student update.",
-            "",
-            _table(["round"] + train_sites, rows),
-            "",
-        ]
-    else:
-        out += ["No distillation rounds were recorded.", ""]
+    if not (rounds and train_sites):
+        return out + ["No distillation rounds were recorded.", ""]
+    rows = []
+    for i, r in enumerate(rounds):
+        train = r.get("train") if isinstance(r, Mapping) else None
+        rows.append(
+            [str(_round_number(r, i))] + [_fmt(_get(train, s, "loss"), 4) for s in train_sites]
+        )
+    return out + [
+        "Mean local distillation loss of each site's student update.",
+        "",
+        _table(["round"] + train_sites, rows),
+        "",
+    ]
+
+
+def _evaluation_markdown(rounds: list) -> list[str]:
+    """The "Student WT Dice per round" section; nothing without a federated evaluation."""
     eval_sites = _round_sites(rounds, "evaluate")
-    if eval_sites:
-        rows = []
-        for i, r in enumerate(rounds):
-            ev = r.get("evaluate") if isinstance(r, Mapping) else None
-            if not ev:  # a round without evaluation (eval-every)
-                continue
-            rows.append(
-                [str(_round_number(r, i))] + [_fmt(_get(ev, s, "WT", "dice")) for s in eval_sites]
-            )
-        out += ["## Student WT Dice per round", "", _table(["round"] + eval_sites, rows), ""]
+    if not eval_sites:
+        return []
+    rows = []
+    for i, r in enumerate(rounds):
+        ev = r.get("evaluate") if isinstance(r, Mapping) else None
+        if not ev:  # a round without evaluation (eval-every)
+            continue
+        rows.append(
+            [str(_round_number(r, i))] + [_fmt(_get(ev, s, "WT", "dice")) for s in eval_sites]
+        )
+    return ["## Student WT Dice per round", "", _table(["round"] + eval_sites, rows), ""]
 
-    out += _privacy_markdown(run.get("privacy"))
 
-    out += [
+def _figures_markdown() -> list[str]:
+    """Links to the two figures, and the figures themselves."""
+    return [
         "## Figures",
         "",
         f"- [Dice per population, teacher vs student]({FILES['dice_png']})",
@@ -596,6 +592,18 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
         f"![Training curves]({FILES['curves_png']})",
         "",
     ]
+
+
+def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> str:
+    config = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+    out = _facts_markdown(run, config, rounds)
+    out += _sites_markdown(sites, summary)
+    out += _scores_markdown(summary, config)
+    out += _ablation_markdown(summary, config)
+    out += _training_markdown(rounds)
+    out += _evaluation_markdown(rounds)
+    out += _privacy_markdown(run.get("privacy"))
+    out += _figures_markdown()
     return "\n".join(out)
 
 
@@ -604,18 +612,9 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
 # --------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_population_dice(summary: Mapping, path: Path) -> Path:
     """Grouped bars, teacher vs student Dice per population, one subplot per region."""
-    plt = _pyplot()
+    plt = pyplot()
     order = list(summary.get("order", []))
     regions = list(summary.get("regions", _REGIONS))
     fig, axes = plt.subplots(1, len(regions), figsize=(12, 4), sharey=True, squeeze=False)
@@ -663,7 +662,7 @@ def plot_population_dice(summary: Mapping, path: Path) -> Path:
 
 def plot_training_curves(rounds: list, path: Path) -> Path:
     """Per-site training loss by round and, if recorded, the per-round student WT Dice."""
-    plt = _pyplot()
+    plt = pyplot()
     train_sites = _round_sites(rounds, "train")
     eval_sites = _round_sites(rounds, "evaluate")
     ncols = 2 if eval_sites else 1

@@ -11,11 +11,12 @@ round of four message exchanges over the Grid:
   :func:`secagg_rounds`, which runs the workflow once per round (instead of ``strategy.start``),
   then the per-round evaluation with the Recording strategy's ``configure_evaluate`` /
   ``aggregate_evaluate`` (signatures, audit, ``rounds.json`` as usual);
-* the sites' ``@app.train()`` handler sits behind ``secaggplus_mod`` (``client.secagg.secagg_mod``
+* the sites' ``@app.train()`` handler sits behind ``secaggplus_mod``
+(``fedbrats.client.secagg.secagg_mod``
   applies it to SecAgg+ messages only). The mod answers the setup, share-keys and unmask stages
   itself and calls the handler once, with the *legacy* record layout: ``fitins.parameters`` (an
   ArrayRecord of unnamed arrays), ``fitins.config``; the handler answers ``fitres.parameters``,
-  ``fitres.num_examples``, ``fitres.metrics``, ``fitres.status`` (``client.secagg``).
+  ``fitres.num_examples``, ``fitres.metrics``, ``fitres.status`` (``fedbrats.client.secagg``).
 
 What goes over the wire differs from plain rounds:
 
@@ -25,7 +26,7 @@ What goes over the wire differs from plain rounds:
 * the array names travel in the config (``fedbrats-keys``), since legacy parameters are unnamed;
 * weights are equal (``num_examples`` = 1, ``max_weight`` = 1): ``aggregation`` must be
   ``equal``; FedAdam (a server optimiser on the mean) is not offered, FedProx is;
-* the server cannot check single updates (``server.validate``), keep them
+* the server cannot check single updates (``fedbrats.server.validate``), keep them
   (``keep-site-updates``) or audit their arrays: each site checks its own update (finite values)
   before masking it, and the audit log records ``secure_aggregation: true`` and no arrays;
 * with ``dp-noise-multiplier`` the sites clip their update to ``dp-clipping-norm`` themselves and
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import ERROR, INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -49,16 +50,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid
 
-from client.secagg import KEYS_CONFIG, RANGE_CONFIG
-from common.config import RunConfig
-from server.privacy import effective_noise_multiplier, noise_std
-from server.protocol import (
-    RoundFailed,
-    build_strategy,
-    settle_norm_statistics,
-    wait_for_missing_sites,
-)
-from server.state import RunFolder
+from fedbrats.common import wire
+from fedbrats.common.config import RunConfig
+from fedbrats.common.wire import KEYS_CONFIG, RANGE_CONFIG
+from fedbrats.server.privacy import noise_std
+from fedbrats.server.protocol import settle_norm_statistics, wait_for_missing_sites
+from fedbrats.server.state import RunFolder
+from fedbrats.server.strategy import build_strategy
 
 __all__ = ["CLIPPING_RANGE", "KEYS_CONFIG", "RANGE_CONFIG", "secagg_rounds"]
 
@@ -90,7 +88,8 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
     """Distillation rounds ``done + 1 .. run.num_rounds`` aggregated with SecAgg+.
 
     Returns the final global student; checkpoints (signed with ``signer``), ``rounds.json`` and
-    the audit log are written as in plain rounds. Raises :class:`~server.protocol.RoundFailed`
+    the audit log are written as in plain rounds. Raises
+    :class:`~fedbrats.server.ledger.RoundFailed`
     when fewer than ``min-sites`` sites finish a round.
     """
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -109,6 +108,8 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
     dp = run.dp_noise_multiplier > 0
     # per-round evaluation, signatures and bookkeeping as in plain rounds
     recording = build_strategy(run, folder, names, rounds, round_offset=done)
+    ledger = recording.ledger
+    ledger.signer = signer
     captured: dict[str, Any] = {}
     legacy_strategy = _legacy_strategy(captured)(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=max(2, run.required_sites),
@@ -122,9 +123,6 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         max_weight=1.0, clipping_range=CLIPPING_RANGE, timeout=run.round_timeout,
     )
     proxies: dict[int, Any] = {}
-
-    def site_of(node_id: int) -> str:
-        return names.get(node_id, str(node_id))
 
     for server_round in range(1, run.num_rounds - done + 1):
         rnd = server_round + done
@@ -140,17 +138,14 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
 
         sent = ArrayRecord({k: Array(current[k]) for k in keys})
         config: dict[str, Any] = {
-            "server-round": server_round, "round-offset": done,
+            wire.SERVER_ROUND: server_round, wire.ROUND_OFFSET: done,
             KEYS_CONFIG: "\n".join(keys), RANGE_CONFIG: CLIPPING_RANGE,
         }
         if run.strategy == "fedprox":
-            config["proximal-mu"] = run.proximal_mu
+            config[wire.PROXIMAL_MU] = run.proximal_mu
         if dp:
             config[KEY_CLIPPING_NORM] = run.dp_clipping_norm
-        if signer is not None:
-            from common.signing import SIGNATURE_CONFIG_KEY, sign_arrays
-
-            config[SIGNATURE_CONFIG_KEY] = sign_arrays(sent, signer)
+        ledger.sign_into(sent, config)
         legacy_strategy.on_fit_config_fn = lambda _r, c=config: dict(c)
         legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters([current[k] for k in keys]), keep_input=True)
@@ -159,56 +154,40 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         captured.clear()
         workflow(grid, legacy)
 
-        entry = recording._entry(server_round)
+        entry = ledger.entry(rnd)
         results = captured.get("results", [])
         done_nodes = [proxy.node_id for proxy, _ in results]
         for proxy, fitres in results:
-            site = site_of(proxy.node_id)
+            site = ledger.site_of(proxy.node_id)
             entry["train"][site] = {k: float(v) for k, v in fitres.metrics.items()
                                     if isinstance(v, int | float) and not isinstance(v, bool)}
             folder.audit(phase="round", round=rnd, site=site, arrays={}, bytes=0,
                          secure_aggregation=True)
         for node in sorted(connected - set(done_nodes)):
-            why = "dropped out of the SecAgg+ round (see the log)"
-            flwr_log(WARNING, "fedbrats: round %d: no update from site %s: %s", rnd,
-                     site_of(node), why)
-            folder.audit(phase="round", round=rnd, site=site_of(node), error=why,
-                         secure_aggregation=True)
+            ledger.no_reply("round", rnd, node, "dropped out of the SecAgg+ round (see the log)",
+                            secure_aggregation=True)
         if "results" not in captured or len(results) < run.required_sites:
-            folder.write_json("rounds.json", [r for r in rounds if r["round"] < rnd])
-            msg = (f"round {rnd}: secure aggregation finished with {len(results)} of "
-                   f"{run.num_sites} sites, fewer than min-sites ({run.required_sites}); the "
-                   f"round does not count. Start the run again with the same output-dir to resume "
-                   f"after round {rnd - 1}")
-            flwr_log(ERROR, "fedbrats: %s", msg)
-            raise RoundFailed(msg)
+            ledger.fail(rnd, f"round {rnd}: secure aggregation finished with {len(results)} of "
+                             f"{run.num_sites} sites, fewer than min-sites ({run.required_sites})")
 
         mean_update = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         if dp:
             std = noise_std(run.dp_noise_multiplier, run.dp_clipping_norm, run.num_sites)
             mean_update = [u + np.random.normal(0.0, std, u.shape) for u in mean_update]
-            entry["dp"] = {"sites_aggregated": len(results), "noise_std": std,
-                           "noise_multiplier": effective_noise_multiplier(
-                               run.dp_noise_multiplier, run.num_sites, len(results))}
+            ledger.record_dp(rnd, len(results))
         current = {k: (current[k] + u).astype(dtypes[k]) for k, u in zip(keys, mean_update,
                                                                           strict=True)}
         current = settle_norm_statistics(current, [], [], noised=True)  # variances >= 0
-        path = folder.save_checkpoint(rnd, current)
-        if signer is not None:
-            from common.signing import sign_file
-
-            sign_file(path, signer)
-        folder.write_json("rounds.json", rounds)
+        ledger.commit(rnd, current)
         flwr_log(INFO, "fedbrats: round %d/%d: SecAgg+ mean of %d sites in %.1f s; student "
                  "saved; site losses %s", rnd, run.num_rounds, len(results),
-                 time.monotonic() - t0, ", ".join(f"{s} {v.get('loss', float('nan')):.3f}"
-                                                  for s, v in entry["train"].items()))
+                 time.monotonic() - t0, ledger.train_losses(rnd))
 
         # per-round evaluation: plain Message-API messages, as without secure aggregation
         record = ArrayRecord({k: Array(current[k]) for k in keys})
         messages = recording.configure_evaluate(server_round, record,
-                                                ConfigRecord({"round-offset": done}), grid)
+                                                ConfigRecord({wire.ROUND_OFFSET: done}), grid)
         replies: list[Message] = list(grid.send_and_receive(list(messages),
                                                             timeout=run.round_timeout))
         recording.aggregate_evaluate(server_round, replies)

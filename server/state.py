@@ -22,20 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.files import save_atomic
-from common.modelfile import STUDENT_FORMAT, student_payload  # noqa: F401 (re-exported)
+from fedbrats.common.config import RunConfig
+from fedbrats.common.inference.modelfile import STUDENT_FORMAT, student_payload  # noqa: F401 (re-exported)
+from fedbrats.common.utils.arrays import to_tensors as _to_tensors
+from fedbrats.common.utils.files import save_atomic
 
 log = logging.getLogger(__name__)
 
 _ROUND_RE = re.compile(r"round-(\d+)\.pt$")
-
-
-def _to_tensors(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v)).clone() for k, v in arrays.items()}
 
 
 @dataclass
@@ -115,7 +111,8 @@ class RunFolder:
 
     # -- the final student ----------------------------------------------------------------
     def save_student(self, arrays: Mapping[str, Any], server_round: int) -> Path:
-        """The final student with everything inference needs (``common.modelfile``)."""
+        """The final student with everything inference needs
+        (``fedbrats.common.inference.modelfile``)."""
         path = self.path / "student.pt"
         save_atomic(path, student_payload(self.run, arrays, server_round))
         return path

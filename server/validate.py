@@ -2,7 +2,8 @@
 
 :func:`check_update` compares a site's update with the global student the server sent that
 round: the same array names, shapes and dtypes, and only finite values. The strategy
-(``server.protocol.build_strategy``) drops a failing update, logs and audits why, and aggregates
+(``fedbrats.server.protocol.build_strategy``) drops a failing update, logs and audits why, and
+aggregates
 the others, so one broken or malicious site cannot turn the global student into NaNs or crash the
 aggregation with a shape error.
 
@@ -16,16 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from fedbrats.common.utils.arrays import to_numpy
+
 __all__ = ["check_update", "format_problems"]
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    numpy_fn = getattr(value, "numpy", None)
-    if callable(numpy_fn) and not isinstance(value, np.ndarray):  # flwr Array
-        return np.asarray(numpy_fn())
-    return np.asarray(value)
 
 
 def _describe(arr: np.ndarray) -> str:
@@ -40,14 +34,14 @@ def check_update(reference: Mapping[str, Any], update: Mapping[str, Any]) -> lis
     an array at all.
     """
     problems: list[str] = []
-    ref = {str(k): _as_numpy(v) for k, v in reference.items()}
+    ref = {str(k): to_numpy(v) for k, v in reference.items()}
     for key in ref:
         if key not in update:
             problems.append(f"{key}: missing; expected an array of {_describe(ref[key])}")
     for key in update:
         if str(key) not in ref:
             try:
-                found = _describe(_as_numpy(update[key]))
+                found = _describe(to_numpy(update[key]))
             except Exception:  # noqa: BLE001 - we only describe it
                 found = type(update[key]).__name__
             problems.append(
@@ -58,7 +52,7 @@ def check_update(reference: Mapping[str, Any], update: Mapping[str, Any]) -> lis
         if key not in update:
             continue
         try:
-            found = _as_numpy(update[key])
+            found = to_numpy(update[key])
         except Exception as e:  # noqa: BLE001 - an unreadable value is a problem, not a crash
             problems.append(f"{key}: expected an array of {_describe(expected)}, found an "
                             f"unreadable {type(update[key]).__name__} ({e})")

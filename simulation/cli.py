@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.contract import POPULATION_NAMES, POPULATIONS
-from simulation.run import MIN_DEMO_CASES
+from fedbrats.common.data.contract import POPULATION_NAMES, POPULATIONS
+from fedbrats.simulation.runner import MIN_DEMO_CASES
 
 MIN_SIZE = 32
 
@@ -57,7 +57,7 @@ def parse_populations(text: str) -> list[str]:
     """``GLI,ssa`` -> ["GLI", "SSA"]; ``all`` -> every population."""
     if text.strip().lower() == "all":
         return list(POPULATIONS)
-    from common.contract import check_population
+    from fedbrats.common.data.contract import check_population
 
     try:
         pops = [check_population(p) for p in text.split(",") if p.strip()]
@@ -142,7 +142,7 @@ def run_synth(args) -> int:
     import time
     from pathlib import Path
 
-    from simulation.phantoms import case_counts, default_spacing, write_dataset
+    from fedbrats.simulation.phantoms import case_counts, default_spacing, write_dataset
 
     if args.cases < 1:
         print("fedbrats synth: --cases must be at least 1", file=sys.stderr)
@@ -163,7 +163,7 @@ def run_synth(args) -> int:
     if not args.verify:
         return 0
     # The same discovery and checks as a real site's BraTS folder goes through.
-    from common.verify import format_reports, verify_site
+    from fedbrats.common.data.verify import format_reports, verify_site
 
     bad = []
     for pop in counts:
@@ -179,7 +179,7 @@ def run_synth(args) -> int:
 def run_snapshot(args) -> int:
     from pathlib import Path
 
-    from simulation.render import render_dataset
+    from fedbrats.common.inference.render import render_dataset
 
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():

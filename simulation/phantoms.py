@@ -12,7 +12,8 @@ probability maps, 1 mm). Each case:
    scanners acquire thick slices, a slice profile along z; everything outside the brain is 0,
    as in skull-stripped BraTS data.
 
-Labels follow :mod:`common.contract`: 1 NETC (necrosis, non-enhancing tumour, cysts), 2 SNFH
+Labels follow :mod:`fedbrats.common.data.contract`: 1 NETC (necrosis, non-enhancing tumour, cysts),
+2 SNFH
 (oedema), 3 ET (enhancing tumour). Labels are hard; only the images see partial volume.
 
 Everything is driven by ``numpy.random.default_rng((seed, population, index))``, so a case does
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common.contract import CONTRASTS, POPULATIONS, SEG_KEY, check_population
+from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, SEG_KEY, check_population
 
 __all__ = [
     "POPULATION_TABLE",
@@ -651,18 +652,9 @@ def _thick_slices(img: np.ndarray, k: int, offset: int) -> np.ndarray:
     return acquired[:, :, i0] * (1 - t) + acquired[:, :, i1] * t
 
 
-def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0) -> PhantomCase:
-    """Generate one synthetic case of ``population`` on a grid of ``shape`` (see module doc)."""
-    pop = check_population(population)
-    shape = _shape3(shape)
-    p = POPULATION_TABLE[pop]
-    rng = np.random.default_rng([int(seed), POPULATIONS.index(pop), int(index)])
-    spacing = default_spacing(shape)[0]
-    ref = _reference(shape, spacing)
-    n_vox = int(np.prod(shape))
-
-    # --- 1. one coordinate map: output voxel -> reference voxel -------------------------
-    scale = BASE_SCALE * float(rng.uniform(*p.brain_scale))
+def _coordinate_map(rng, shape: tuple[int, int, int], spacing: float, scale: float) -> np.ndarray:
+    """Step 1: for every output voxel, the reference voxel it shows (``3, n_vox`` float32): a
+    random scaling, rotation, shift and smooth displacement of the reference head."""
     aniso = rng.uniform(0.97, 1.03, 3)
     rot = _rotation(rng, 7.0)
     lin_inv = np.linalg.inv(rot @ np.diag(scale * aniso))  # output offset -> reference offset
@@ -677,32 +669,57 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
         q[a] += np.float32(lin_inv[a, 1]) * axes[1][None, :, None]
         q[a] += np.float32(lin_inv[a, 2]) * axes[2][None, None, :]
     del disp
-    q_flat = q.reshape(3, -1)
+    return q.reshape(3, -1)
 
-    # --- 2. lesions and their mass effect on where tissue is sampled --------------------
-    lesions = _draw_lesions(rng, pop, p, ref, scale)
+
+def _lesion_subsets(q_flat: np.ndarray, lesions: list[_Lesion]) -> list[np.ndarray]:
+    """The output voxels (flat indices) within reach of each lesion."""
     subsets = []
     for les in lesions:
         reach = les.reach()
         lo = les.centre - reach
         hi = les.centre + reach
-        near = np.ones(n_vox, dtype=bool)
+        near = np.ones(q_flat.shape[1], dtype=bool)
         for a in range(3):
             near &= (q_flat[a] > lo[a]) & (q_flat[a] < hi[a])
         subsets.append(np.flatnonzero(near))
-    tq = q_flat.copy()  # where tissue is sampled (pushed by mass effect)
+    return subsets
+
+
+def _mass_effect(q_flat: np.ndarray, lesions: list[_Lesion]) -> np.ndarray:
+    """Where tissue is sampled: the coordinate map with the tissue pushed aside by the lesions."""
+    tq = q_flat.copy()
     for les in lesions:
         if les.mass <= 0:
             continue
         reach = 4.0 * les.radius + 4
-        near = np.ones(n_vox, dtype=bool)
+        near = np.ones(tq.shape[1], dtype=bool)
         for a in range(3):
             near &= np.abs(tq[a] - les.centre[a]) < reach
         idx = np.flatnonzero(near)
         pts = np.ascontiguousarray(tq[:, idx].T)
         _push(pts, les)
         tq[:, idx] = pts.T
+    return tq
 
+
+@dataclass
+class _Tissue:
+    """Tissue fractions on the output grid (flat), and what the lesions need of them."""
+
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    mask: np.ndarray
+    union: np.ndarray
+    """Sorted flat indices of the voxels within reach of any lesion."""
+    wm_smooth: np.ndarray
+    """Smoothed white matter on ``union``."""
+
+
+def _sample_tissue(ref: _Reference, tq: np.ndarray, subsets: list[np.ndarray]) -> _Tissue:
+    """Step 2: the reference's tissue fractions at ``tq`` (after the mass effect)."""
+    n_vox = tq.shape[1]
     tissue = np.empty((4, n_vox), dtype=np.float32)
     for c in range(4):
         ndimage.map_coordinates(
@@ -714,28 +731,49 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
     union = np.flatnonzero(in_union)
     del in_union
     wm_smooth = ndimage.map_coordinates(ref.wm_smooth, tq[:, union], order=1, cval=0.0)
-    del tq
     np.clip(tissue, 0.0, 1.0, out=tissue)
     gm, wm, csf, mask = tissue
+    return _Tissue(gm=gm, wm=wm, csf=csf, mask=mask, union=union, wm_smooth=wm_smooth)
 
-    # --- 3. labels and lesion fractions --------------------------------------------------
+
+@dataclass
+class _Labels:
+    """The segmentation and the lesion class fractions of a case (flat arrays)."""
+
+    seg: np.ndarray
+    brain: np.ndarray
+    frac: dict[str, np.ndarray]
+    """Fraction of each tumour class (not oedema) on ``_Tissue.union``, summing to at most 1."""
+    core_total: np.ndarray
+    oedema: np.ndarray | None
+    """Oedema fraction on ``_Tissue.union`` (None when no lesion has oedema)."""
+    texture: np.ndarray
+    """Texture of the lesion dominating each voxel of ``_Tissue.union``."""
+
+
+def _evaluate_lesions(
+    lesions: list[_Lesion], subsets: list[np.ndarray], q_flat: np.ndarray, t: _Tissue
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Every lesion on its voxels, combined: label rank (max over lesions), the skull beyond a
+    meningioma's dural plane, class fractions (max over lesions) and texture, on ``t.union``."""
+    n_vox = q_flat.shape[1]
     rank = np.zeros(n_vox, dtype=np.uint8)
     w_edge = 0.6
     skull = np.zeros(n_vox, dtype=bool)
     frac: dict[str, np.ndarray] = {}  # class fractions on ``union``, max over lesions
-    best = np.zeros(union.size, dtype=np.float32)
-    texture = np.zeros(union.size, dtype=np.float32)
+    best = np.zeros(t.union.size, dtype=np.float32)
+    texture = np.zeros(t.union.size, dtype=np.float32)
     for les, idx in zip(lesions, subsets):
         if idx.size == 0:
             continue
-        pos = np.searchsorted(union, idx)
+        pos = np.searchsorted(t.union, idx)
         pts = np.ascontiguousarray(q_flat[:, idx].T)
         rk, fr, core_soft, tex = _evaluate(
-            les, pts, gm[idx], wm[idx], mask[idx], wm_smooth[pos], w_edge
+            les, pts, t.gm[idx], t.wm[idx], t.mask[idx], t.wm_smooth[pos], w_edge
         )
         rank[idx] = np.maximum(rank[idx], rk)
         for cls, f in fr.items():
-            acc = frac.setdefault(cls, np.zeros(union.size, dtype=np.float32))
+            acc = frac.setdefault(cls, np.zeros(t.union.size, dtype=np.float32))
             acc[pos] = np.maximum(acc[pos], f)
         take = core_soft >= best[pos]
         texture[pos[take]] = tex[take]
@@ -745,14 +783,23 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
             h = rel @ les.normal
             lateral = np.linalg.norm(rel - h[:, None] * les.normal, axis=1)
             skull[idx[(h >= les.dura) & (lateral < 1.6 * les.radius)]] = True
+    return rank, skull, frac, texture
+
+
+def _label_lesions(
+    lesions: list[_Lesion], subsets: list[np.ndarray], q_flat: np.ndarray, t: _Tissue,
+    shape: tuple[int, int, int],
+) -> _Labels:
+    """Step 3: labels and lesion fractions; oedema detached from every tumour core is dropped."""
+    rank, skull, frac, texture = _evaluate_lesions(lesions, subsets, q_flat, t)
     oedema = frac.pop("oedema", None)
-    core_total = sum(frac.values()) if frac else np.zeros(union.size, dtype=np.float32)
+    core_total = sum(frac.values()) if frac else np.zeros(t.union.size, dtype=np.float32)
     over = np.maximum(core_total, 1.0)
     frac = {k: v / over for k, v in frac.items()}
     core_total = np.minimum(core_total, 1.0)
     seg = _LABEL_OF_RANK[rank]
     seg[skull & (seg == 2)] = 0
-    brain = ((mask > 0.5) & ~skull) | (seg > 0)
+    brain = ((t.mask > 0.5) & ~skull) | (seg > 0)
     seg[~brain] = 0
     if oedema is not None:  # oedema is contiguous with its tumour: drop detached islands
         lab, n = ndimage.label(seg.reshape(shape) > 0, structure=np.ones((3, 3, 3)))
@@ -762,60 +809,95 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
         has_core[0] = True
         island = ~has_core[lab]
         seg[island] = 0
-        oedema = oedema * ~island[union]
+        oedema = oedema * ~island[t.union]
+    return _Labels(seg=seg, brain=brain, frac=frac, core_total=core_total, oedema=oedema,
+                   texture=texture)
 
-    # --- 4. images -----------------------------------------------------------------------
+
+def _contrast_levels(rng, p: PopulationParams) -> dict[str, np.ndarray]:
+    """Intensity of each tissue class in each contrast, with this case's gains and contrast."""
     gains = rng.uniform(0.8, 1.25, 4)
     levels = {
         k: np.array(v) * rng.uniform(0.95, 1.05, 4) * gains for k, v in INTENSITY.items()
     }
     mid = (levels["gm"] + levels["wm"]) / 2
-    levels = {k: mid + p.contrast * (v - mid) for k, v in levels.items()}
+    return {k: mid + p.contrast * (v - mid) for k, v in levels.items()}
+
+
+def _noise_free_image(
+    lv: dict[str, np.float32], t: _Tissue, labels: _Labels, tissue_img: np.ndarray
+) -> np.ndarray:
+    """One contrast without bias, noise or slices (flat): the tissue mixture, swollen by oedema
+    and replaced by the lesion classes. ``tissue_img`` is scratch space of the image's size."""
+    np.multiply(t.gm, lv["gm"], out=tissue_img)
+    tissue_img += t.wm * lv["wm"]
+    tissue_img += t.csf * lv["csf"]
+    img = tissue_img.copy()
+    if t.union.size:
+        g, w_ = t.gm[t.union], t.wm[t.union]
+        base = tissue_img[t.union]
+        if labels.oedema is not None:
+            swell = (g + w_) * lv["oedema"] - (g * lv["gm"] + w_ * lv["wm"])
+            base = base + labels.oedema * swell * (1 + 0.12 * labels.texture)
+        val = np.zeros(t.union.size, dtype=np.float32)
+        for cls, f in labels.frac.items():
+            val += f * lv[cls]
+        img[t.union] = (1 - labels.core_total) * base + val * (1 + 0.09 * labels.texture)
+    return img
+
+
+def _bias_field(rng, coords: list[np.ndarray], bias: float) -> np.ndarray:
+    """A smooth multiplicative bias field (quadratic polynomial) on the grid of ``coords``."""
+    a = rng.standard_normal(9).astype(np.float32) * np.float32(bias / 1.6)
+    x, y, z = coords
+    logb = (
+        a[0] * x[:, None, None] + a[1] * y[None, :, None] + a[2] * z[None, None, :]
+        + a[3] * (x**2 - 0.33)[:, None, None] + a[4] * (y**2 - 0.33)[None, :, None]
+        + a[5] * (z**2 - 0.33)[None, None, :] + a[6] * (x[:, None] * y[None, :])[:, :, None]
+        + a[7] * (x[:, None] * z[None, :])[:, None, :]
+        + a[8] * (y[:, None] * z[None, :])[None, :, :]
+    )
+    return np.exp(logb)
+
+
+def _rician_noise(rng, vol: np.ndarray, sigma: np.float32) -> np.ndarray:
+    """The magnitude of ``vol`` plus complex Gaussian noise of ``sigma`` (``vol`` is changed)."""
+    shape = vol.shape
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n1 *= sigma
+    vol += n1
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n1 *= sigma
+    return np.sqrt(vol * vol + n1 * n1)  # Rician magnitude
+
+
+def _render_images(
+    rng, p: PopulationParams, shape: tuple[int, int, int], slice_k: int, t: _Tissue,
+    labels: _Labels,
+) -> dict[str, np.ndarray]:
+    """Step 4: the four contrasts (int16), each with its bias field, Rician noise and (for thick
+    slices) through-plane blur, zero outside the brain."""
+    levels = _contrast_levels(rng, p)
     coords = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    slice_k = 1 if p.slice_mm is None else max(2, int(round(p.slice_mm / spacing)))
     slice_offset = int(rng.integers(0, 8))
     images: dict[str, np.ndarray] = {}
-    tissue_img = np.empty(n_vox, dtype=np.float32)
+    tissue_img = np.empty(labels.seg.size, dtype=np.float32)
     for ci, key in enumerate(CONTRASTS):
         lv = {k: np.float32(v[ci]) for k, v in levels.items()}
-        np.multiply(gm, lv["gm"], out=tissue_img)
-        tissue_img += wm * lv["wm"]
-        tissue_img += csf * lv["csf"]
-        img = tissue_img.copy()
-        if union.size:
-            g, w_ = gm[union], wm[union]
-            base = tissue_img[union]
-            if oedema is not None:
-                swell = (g + w_) * lv["oedema"] - (g * lv["gm"] + w_ * lv["wm"])
-                base = base + oedema * swell * (1 + 0.12 * texture)
-            val = np.zeros(union.size, dtype=np.float32)
-            for cls, f in frac.items():
-                val += f * lv[cls]
-            img[union] = (1 - core_total) * base + val * (1 + 0.09 * texture)
-        vol = img.reshape(shape)
-        # smooth multiplicative bias field (quadratic polynomial, per contrast)
-        a = rng.standard_normal(9).astype(np.float32) * np.float32(p.bias / 1.6)
-        x, y, z = coords
-        logb = (
-            a[0] * x[:, None, None] + a[1] * y[None, :, None] + a[2] * z[None, None, :]
-            + a[3] * (x**2 - 0.33)[:, None, None] + a[4] * (y**2 - 0.33)[None, :, None]
-            + a[5] * (z**2 - 0.33)[None, None, :] + a[6] * (x[:, None] * y[None, :])[:, :, None]
-            + a[7] * (x[:, None] * z[None, :])[:, None, :]
-            + a[8] * (y[:, None] * z[None, :])[None, :, :]
-        )
-        vol *= np.exp(logb)
-        sigma = np.float32(p.noise * lv["gm"])
-        n1 = rng.standard_normal(shape, dtype=np.float32)
-        n1 *= sigma
-        vol += n1
-        n1 = rng.standard_normal(shape, dtype=np.float32)
-        n1 *= sigma
-        vol = np.sqrt(vol * vol + n1 * n1)  # Rician magnitude
+        vol = _noise_free_image(lv, t, labels, tissue_img).reshape(shape)
+        vol *= _bias_field(rng, coords, p.bias)
+        vol = _rician_noise(rng, vol, np.float32(p.noise * lv["gm"]))
         vol = _thick_slices(vol, slice_k, slice_offset)
-        vol[~brain.reshape(shape)] = 0
+        vol[~labels.brain.reshape(shape)] = 0
         images[key] = np.clip(np.rint(vol), 0, 32767).astype(np.int16)
+    return images
 
-    info = {
+
+def _case_info(
+    ref: _Reference, lesions: list[_Lesion], scale: float, spacing: float, slice_k: int
+) -> dict:
+    """The generation facts kept with a case (``PhantomCase.info``)."""
+    return {
         "scale": scale,
         "spacing_mm": spacing,
         "slice_voxels": slice_k,
@@ -830,15 +912,35 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
             for les in lesions
         ],
     }
+
+
+def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0) -> PhantomCase:
+    """Generate one synthetic case of ``population`` on a grid of ``shape`` (see module doc)."""
+    pop = check_population(population)
+    shape = _shape3(shape)
+    p = POPULATION_TABLE[pop]
+    rng = np.random.default_rng([int(seed), POPULATIONS.index(pop), int(index)])
+    spacing = default_spacing(shape)[0]
+    ref = _reference(shape, spacing)
+
+    scale = BASE_SCALE * float(rng.uniform(*p.brain_scale))
+    q_flat = _coordinate_map(rng, shape, spacing, scale)
+    lesions = _draw_lesions(rng, pop, p, ref, scale)
+    subsets = _lesion_subsets(q_flat, lesions)
+    tissue = _sample_tissue(ref, _mass_effect(q_flat, lesions), subsets)
+    labels = _label_lesions(lesions, subsets, q_flat, tissue, shape)
+    slice_k = 1 if p.slice_mm is None else max(2, int(round(p.slice_mm / spacing)))
+    images = _render_images(rng, p, shape, slice_k, tissue, labels)
     return PhantomCase(
         images=images,
-        seg=seg.reshape(shape),
+        seg=labels.seg.reshape(shape),
         affine=output_affine(shape, (spacing,) * 3),
         population=pop,
         case_id=case_id(pop, index),
-        brain_mask=brain.reshape(shape),
-        tissue={"gm": gm.reshape(shape), "wm": wm.reshape(shape), "csf": csf.reshape(shape)},
-        info=info,
+        brain_mask=labels.brain.reshape(shape),
+        tissue={"gm": tissue.gm.reshape(shape), "wm": tissue.wm.reshape(shape),
+                "csf": tissue.csf.reshape(shape)},
+        info=_case_info(ref, lesions, scale, spacing, slice_k),
     )
 
 
@@ -873,7 +975,8 @@ def write_dataset(
 ) -> list[Path]:
     """Generate and write ``counts[pop]`` cases per population in the BraTS 2023 layout.
 
-    Returns the case directories, populations in :data:`common.contract.POPULATIONS` order.
+    Returns the case directories, populations in :data:`fedbrats.common.data.contract.POPULATIONS`
+    order.
     """
     out_dir = Path(out_dir)
     shape = _shape3(shape)

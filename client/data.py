@@ -1,0 +1,123 @@
+"""A site's data: its cases, the train/validation split, the cached MONAI datasets, the facts it
+may tell the server, and the seeded batch streams that training draws from."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from monai.data import DataLoader
+
+from fedbrats.common.config import RunConfig, SiteConfig
+from fedbrats.common.data.cases import Case, check_site, discover_cases
+from fedbrats.common.data.contract import CONTRASTS
+from fedbrats.common.data.transforms import build_dataset
+from fedbrats.common.utils.devices import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class SiteError(RuntimeError):
+    """The site cannot take part: no usable data, or a stored file that does not fit."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split by a hash of (seed, case id): stable when cases are
+    added, and the same on every run. At least one case on each side when there are two or more."""
+
+    def key(c: Case) -> str:
+        return hashlib.sha256(f"{seed}:{c.case_id}".encode()).hexdigest()
+
+    ordered = sorted(cases, key=key)
+    if len(ordered) < 2:
+        raise SiteError(
+            f"a site needs at least 2 usable cases (one to train, one to validate), found "
+            f"{len(ordered)}"
+        )
+    n_val = min(max(1, round(len(ordered) * val_fraction)), len(ordered) - 1)
+    val = sorted(ordered[:n_val], key=lambda c: c.case_id)
+    train = sorted(ordered[n_val:], key=lambda c: c.case_id)
+    return train, val
+
+
+@dataclass
+class SiteData:
+    train_cases: list[Case]
+    val_cases: list[Case]
+    train_ds: object
+    val_ds: object
+
+
+_DATA_CACHE: dict[tuple, SiteData] = {}
+
+
+def clear_site_data_cache() -> None:
+    """Forget the datasets built so far (a benchmark's next seed splits the cases anew)."""
+    _DATA_CACHE.clear()
+
+
+def site_cases(site: SiteConfig) -> list[Case]:
+    """The site's cases that have a segmentation (the ones it can train and validate on)."""
+    cases = discover_cases(site.data_dir, site.manifest)
+    return [c for c in cases if c.seg is not None]
+
+
+def load_site_data(site: SiteConfig, run: RunConfig) -> SiteData:
+    """The site's cached train and validation datasets (built once per process and site)."""
+    key = (str(site.data_dir.resolve()), str(site.manifest), site.labels, run.spacing,
+           run.patch_size, run.val_fraction, run.seed)
+    if key not in _DATA_CACHE:
+        train, val = split_cases(site_cases(site), run.val_fraction, run.seed)
+        spacing = (run.spacing,) * 3
+        _DATA_CACHE[key] = SiteData(
+            train, val,
+            build_dataset(train, spacing, (run.patch_size,) * 3, site.labels),
+            build_dataset(val, spacing, None, site.labels),
+        )
+    return _DATA_CACHE[key]
+
+
+def site_info(site: SiteConfig, run: RunConfig) -> dict:
+    """Facts the server may see: population, case counts, contrasts present, check summary."""
+    cases = discover_cases(site.data_dir, site.manifest)
+    reports = check_site(cases, site.labels)
+    usable = [c for c, r in zip(cases, reports) if r.ok and c.seg is not None]
+    if len(usable) >= 2:
+        train, val = split_cases(usable, run.val_fraction, run.seed)
+    else:
+        train, val = usable, []
+    contrasts = {k: sum(k in c.present for c in usable) for k in CONTRASTS}
+    problems = [p for r in reports for p in r.problems]
+    return {
+        "population": site.population,
+        "num_cases": len(cases),
+        "num_usable": len(usable),
+        "num_train": len(train),
+        "num_val": len(val),
+        "contrasts_present": contrasts,
+        "num_unusable": sum(not r.ok for r in reports),
+        "num_without_seg": sum(c.seg is None for c in cases),
+        "problems": problems[:5],
+    }
+
+
+def training_batches(ds, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches of ``ds``; the same ``seed`` gives the same sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield from DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0,
+                              generator=gen)
+
+
+def select_device(run: RunConfig) -> torch.device:
+    """The device of the run setting ``device`` at this site (:class:`SiteError` if absent)."""
+    return resolve_device(run.device, error=SiteError,
+                          hint="; run setting device='cuda' needs a GPU at every site")

@@ -1,0 +1,3 @@
+"""Using a trained student: sliding-window inference, the model file, prediction,
+explanations and rendering.
+"""

@@ -1,0 +1,1 @@
+"""The networks: model specs and presets, feature taps and the feature projector."""

@@ -1,0 +1,244 @@
+"""The server's strategy for the distillation rounds: a Flower strategy that also checks every
+returned student, writes the round ledger, checkpoints, and signs what it sends.
+
+:class:`RecordingMixin` adds that to any Flower Message-API strategy; the concrete classes are
+the mixin over FedAvg, FedProx and FedAdam, each also under Flower's client-side fixed-clipping
+differential-privacy wrapper (:func:`strategy_class`). To add a strategy, add its Flower class to
+``BASES`` and a ``strategy`` choice in ``common/config.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common import log as flwr_log
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
+
+from fedbrats.common.config import RunConfig
+from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
+from fedbrats.server.ledger import RoundLedger
+from fedbrats.server.protocol import (
+    is_norm_statistic,
+    parse_scores,
+    settle_norm_statistics,
+    teacher_arrays_in,
+    wait_for_missing_sites,
+)
+from fedbrats.server.state import RunFolder
+from fedbrats.server.validate import check_update, format_problems
+
+__all__ = ["BASES", "RecordingMixin", "build_strategy", "strategy_class"]
+
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array cast back to the dtype it has in ``reference``."""
+    out = ArrayRecord()
+    for k, a in arrays.items():
+        out[k] = Array(a.numpy().astype(np.dtype(reference[k].dtype), copy=False))
+    return out
+
+
+class RecordingMixin:
+    """Put before a Flower strategy class: configure/aggregate hooks that keep the ledger.
+
+    Set :attr:`ledger` (and :attr:`dp`) after construction (:func:`build_strategy` does).
+    """
+
+    ledger: RoundLedger
+    dp: bool = False
+    sent_arrays: ArrayRecord | None = None
+    """The global student of the current round: what updates are checked against."""
+
+    def _sent(self) -> dict[tuple[str, int], list[Message]]:
+        if not hasattr(self, "_sent_messages"):
+            self._sent_messages: dict[tuple[str, int], list[Message]] = {}
+        return self._sent_messages
+
+    def missing(self, phase: str, server_round: int, replies: list[Message]) -> dict[int, str]:
+        """Sites sent a message this round without a valid reply: node id -> why."""
+        out_msgs = self._sent().pop((phase, server_round), [])
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in out_msgs}
+        ok = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        why: dict[int, str] = {}
+        for m in replies:  # errors made by the SuperLink (node unavailable) come from node 0
+            if m.has_error():
+                node = by_id.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+                why[node] = m.error.reason
+        timeout = f"no reply within round-timeout ({self.ledger.run.round_timeout:g} s)"
+        return {m.metadata.dst_node_id: why.get(m.metadata.dst_node_id, timeout)
+                for m in out_msgs if m.metadata.dst_node_id not in ok}
+
+    # -- train ------------------------------------------------------------------------------
+    def configure_train(self, server_round, arrays, config, grid):
+        wait_for_missing_sites(grid, self.ledger.run,
+                               f"round {self.ledger.round_number(server_round)}")
+        self.sent_arrays = arrays
+        self.ledger.sign_into(arrays, config)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent()[("round", server_round)] = messages  # message ids are set when sent
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        ledger, run = self.ledger, self.ledger.run
+        replies = list(replies)
+        rnd = ledger.round_number(server_round)
+        entry = ledger.entry(rnd)
+        for node, reason in self.missing("round", server_round, replies).items():
+            ledger.no_reply("round", rnd, node, reason)
+        replies = [m for m in replies if not m.has_error()]
+        replies = [m for m in replies if self._valid_update(rnd, m)]
+        if len(replies) < run.required_sites:
+            who = ", ".join(ledger.site_of(m.metadata.src_node_id) for m in replies) or "none"
+            ledger.fail(rnd, f"round {rnd}: {len(replies)} of {run.num_sites} sites replied "
+                             f"({who}), fewer than min-sites ({run.required_sites})")
+        for msg in replies:
+            site = ledger.site_of(msg.metadata.src_node_id)
+            ledger.folder.audit(phase="round", round=rnd, site=site,
+                                **teacher_arrays_in(msg.content))
+            m = dict(msg.content[METRICS])
+            entry["train"][site] = {k: v for k, v in m.items() if k != WEIGHT_KEY}
+            if run.keep_site_updates:
+                ledger.folder.save_site_update(rnd, site, {
+                    k: v.numpy() for k, v in msg.content[ARRAYS].items()})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        if self.sent_arrays is not None:
+            arrays = _like(arrays, self.sent_arrays)
+        self._settle_norm_statistics(arrays, replies)
+        if self.dp:
+            ledger.record_dp(rnd, len(replies))
+        state = None
+        if isinstance(self, FedAdam) and self.m_t is not None:
+            state = {"m_t": self.m_t, "v_t": self.v_t}
+        ledger.commit(rnd, {k: v.numpy() for k, v in arrays.items()}, state)
+        flwr_log(INFO, "fedbrats: round %d/%d: student saved; site losses %s", rnd,
+                 run.num_rounds, ledger.train_losses(rnd))
+        return arrays, metrics
+
+    def _settle_norm_statistics(self, arrays: ArrayRecord, replies: list[Message]) -> None:
+        """FedAvg and FedProx already give the statistics' mean; FedAdam steps them, DP noises
+        them: then they are replaced by :func:`settle_norm_statistics`."""
+        norm = [k for k in arrays.keys() if is_norm_statistic(k)]
+        if not norm or not (self.dp or isinstance(self, FedAdam)):
+            return
+        settled = settle_norm_statistics(
+            {k: arrays[k].numpy() for k in norm},
+            [{k: m.content[ARRAYS][k].numpy() for k in norm} for m in replies],
+            [float(m.content[METRICS][WEIGHT_KEY]) for m in replies], noised=self.dp)
+        for k, v in settled.items():
+            arrays[k] = Array(v)
+
+    def _valid_update(self, rnd: int, msg: Message) -> bool:
+        """Check a site's returned student against the one sent; log and audit a reject."""
+        site = self.ledger.site_of(msg.metadata.src_node_id)
+        records = msg.content.array_records
+        metrics = msg.content.metric_records
+        if len(records) != 1 or len(metrics) != 1:
+            problems = [f"expected one ArrayRecord and one MetricRecord, found "
+                        f"{len(records)} and {len(metrics)}"]
+        else:
+            problems = check_update(self.sent_arrays or {}, next(iter(records.values())))
+            weight = next(iter(metrics.values())).get(WEIGHT_KEY)
+            if (not isinstance(weight, int | float) or isinstance(weight, bool)
+                    or not np.isfinite(weight) or weight <= 0):
+                problems.append(f"{WEIGHT_KEY}: expected a weight > 0, found {weight!r}")
+        if not problems:
+            return True
+        flwr_log(WARNING, "fedbrats: round %d: rejected the update of site %s: %s", rnd,
+                 site, format_problems(problems))
+        self.ledger.folder.audit(phase="round", round=rnd, site=site, rejected=problems,
+                                 **teacher_arrays_in(msg.content))
+        return False
+
+    # -- evaluate ---------------------------------------------------------------------------
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if not self.ledger.run.evaluates_round(self.ledger.round_number(server_round)):
+            return []  # not an eval-every round: no evaluation messages are sent
+        self.ledger.sign_into(arrays, config)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sent()[("evaluate", server_round)] = messages
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        ledger = self.ledger
+        replies = list(replies)
+        rnd = ledger.round_number(server_round)
+        if not ledger.run.evaluates_round(rnd):
+            return None
+        entry = ledger.entry(rnd)
+        for node, reason in self.missing("evaluate", server_round, replies).items():
+            ledger.no_reply("evaluate", rnd, node, reason)
+        replies = [m for m in replies if not m.has_error()]
+        for msg in replies:
+            site = ledger.site_of(msg.metadata.src_node_id)
+            ledger.folder.audit(phase="evaluate", round=rnd, site=site,
+                                **teacher_arrays_in(msg.content))
+            entry["evaluate"][site] = parse_scores(msg.content[METRICS]).get("student", {})
+        ledger.write()
+        ledger.log_evaluation(rnd)
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def _make(base: type, dp: bool) -> type:
+    outer = DifferentialPrivacyClientSideFixedClipping if dp else base
+    name = f"Recording{'DP' if dp else ''}{base.__name__}"
+    return type(name, (RecordingMixin, outer), {"__module__": __name__, "dp": dp})
+
+
+_CLASSES = {(name, dp): _make(base, dp) for name, base in BASES.items() for dp in (False, True)}
+
+
+def strategy_class(run: RunConfig) -> type:
+    """The recording strategy class of the run's ``strategy`` (and differential privacy)."""
+    return _CLASSES[(run.strategy, run.dp_noise_multiplier > 0)]
+
+
+def build_strategy(run: RunConfig, folder: RunFolder, names: Mapping[int, str],
+                   rounds: list[dict], round_offset: int = 0,
+                   strategy_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None):
+    """The run's strategy, with its ledger (signing with ``signing-key`` when set).
+
+    Every connected site is sampled (fraction 1.0); a round starts once ``required_sites`` are
+    connected. Flower aggregates whatever valid replies came back within the timeout;
+    ``aggregate_train`` refuses a round with fewer than ``required_sites`` of them. Under
+    differential privacy the sites clip (``fedbrats.client.app.dp_clipping_mod``) and Flower's
+    wrapper adds noise to the mean before the checkpoint sees it.
+    """
+    kwargs: dict[str, Any] = dict(
+        fraction_train=1.0, fraction_evaluate=1.0,
+        min_train_nodes=run.required_sites, min_evaluate_nodes=run.required_sites,
+        min_available_nodes=run.required_sites, weighted_by_key=WEIGHT_KEY,
+    )
+    if run.strategy == "fedprox":
+        kwargs["proximal_mu"] = run.proximal_mu
+    if run.strategy == "fedadam":
+        kwargs.update(eta=run.server_lr, eta_l=run.student_lr)
+    cls = strategy_class(run)
+    if run.dp_noise_multiplier > 0:
+        strategy = cls(BASES[run.strategy](**kwargs), run.dp_noise_multiplier,
+                       run.dp_clipping_norm, run.num_sites)
+    else:
+        strategy = cls(**kwargs)
+    signer = None
+    if run.signing_key:
+        from fedbrats.common.security.signing import load_private_key
+
+        signer = load_private_key(run.signing_key)
+    strategy.ledger = RoundLedger(run, folder, names, rounds, round_offset, signer)
+    if strategy_state and isinstance(strategy, FedAdam) and "m_t" in strategy_state:
+        strategy.m_t = {k: v.numpy() for k, v in strategy_state["m_t"].items()}
+        strategy.v_t = {k: v.numpy() for k, v in strategy_state["v_t"].items()}
+    return strategy

@@ -1,0 +1,1 @@
+"""Benchmarks: quality (held-out phantoms) and performance, with their shared helpers."""

@@ -1,0 +1,303 @@
+"""``fedbrats simulate``: the whole protocol on Flower's simulation engine (Ray), one virtual site
+per population, on this machine.
+
+It owns every process it starts: a ``flower-superlink --simulation`` on free loopback ports, with
+its own FLWR_HOME inside the run folder, then ``flwr run``; the SuperLink's process group is stopped
+at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIN_DEMO_CASES = 6
+"""Cases per population at least, when phantoms are generated: 4 to train, 2 to validate."""
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+def project_dir() -> Path:
+    """The folder with fedbrats' pyproject.toml (the Flower app that ``flwr run`` ships)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise SimulationError(
+            f"{root}: no pyproject.toml; fedbrats simulate runs from a source checkout "
+            "(pip install -e .)"
+        )
+    return root
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v: Any) -> str:
+    """A value for ``flwr run -c`` and ``--node-config`` (TOML; strings single-quoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    text = str(v)
+    if "'" in text or "\n" in text:
+        raise ValueError(f"{text!r}: a value may not contain a single quote or a newline")
+    return f"'{text}'"
+
+
+def config_string(values: Mapping[str, Any]) -> str:
+    """``key=value`` pairs for ``flwr run -c`` / ``--node-config``."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+@dataclass
+class SimulationResult:
+    returncode: int
+    output_dir: Path
+    report: Path | None
+    seconds: float
+
+
+def poll_health(url: str, proc: subprocess.Popen, timeout: float,
+                context: ssl.SSLContext | None = None, request_timeout: float = 0.5) -> bool:
+    """Poll a SuperLink's ``url`` (``.../health``) until it answers 200: True; False as soon as
+    ``proc`` has exited or when ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=request_timeout, context=context) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0):
+    if poll_health(f"http://127.0.0.1:{port}/health", proc, timeout):
+        return
+    if proc.poll() is not None:
+        raise SimulationError(
+            f"flower-superlink exited with code {proc.returncode}; see {log_file}"
+        )
+    raise SimulationError(f"flower-superlink not healthy after {timeout:.0f} s; see {log_file}")
+
+
+def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def _write_connection(home: Path, http_port: int) -> None:
+    """The ``flwr`` CLI's connection to the local SuperLink (``FLWR_HOME/config.toml``)."""
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedbrats-sim"\n\n'
+        f'[superlink.fedbrats-sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+
+
+def _simulation_env(home: Path, bin_dir: Path, cpus_per_site: float) -> dict[str, str]:
+    """The environment of the SuperLink and of ``flwr run``."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # each virtual site gets cpus_per_site cores from Ray; keep torch inside that share
+        "OMP_NUM_THREADS": str(max(1, int(cpus_per_site))),
+        "RAY_DEDUP_LOGS": "0",
+    }
+
+
+def _federation_config(num_sites: int, cpus_per_site: float, gpus_per_site: float) -> str:
+    """``flwr run --federation-config``: the number of virtual sites and each one's share."""
+
+    def num(x: float) -> int | float:
+        return int(x) if float(x).is_integer() else float(x)
+
+    return (
+        f"num-supernodes={num_sites} client-resources-num-cpus={num(cpus_per_site)} "
+        f"client-resources-num-gpus={num(gpus_per_site)}"
+    )
+
+
+def _start_superlink(
+    exe: str, http_port: int, home: Path, log_file: Path, env: Mapping[str, str]
+) -> subprocess.Popen:
+    """A simulation SuperLink on ``127.0.0.1:http_port``, in its own process group."""
+    return subprocess.Popen(
+        [exe, "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(http_port),
+         "--database", str(home / "state.db"), "--log-file", str(log_file),
+         "--disable-runtime-dependency-installation"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def run_simulation(
+    output_dir: str | Path,
+    data_root: str | Path,
+    num_sites: int = 5,
+    preset: str = "cpu-demo",
+    overrides: Mapping[str, Any] | None = None,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float = 0.0,
+    stream: bool = True,
+    app_dir: Path | None = None,
+) -> SimulationResult:
+    """Run the protocol in simulation; returns when the run (and every process) has ended."""
+    out = Path(output_dir).resolve()
+    data = Path(data_root).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    home = out / "flwr-home"
+    home.mkdir(exist_ok=True)
+    app = app_dir or project_dir()
+    bin_dir = Path(sys.executable).parent
+    superlink_exe = shutil.which("flower-superlink", path=str(bin_dir)) or "flower-superlink"
+    flwr_exe = shutil.which("flwr", path=str(bin_dir)) or "flwr"
+
+    http_port = free_port()
+    _write_connection(home, http_port)
+    env = _simulation_env(home, bin_dir, cpus_per_site)
+    log_file = home / "superlink.log"
+    run_config = {
+        "preset": preset,
+        "output-dir": str(out),
+        "data-root": str(data),
+        "num-sites": num_sites,
+        **(overrides or {}),
+    }
+    run_args = config_string(run_config)  # a bad value fails here, before any process starts
+    federation = _federation_config(num_sites, cpus_per_site, gpus_per_site)
+    start = time.monotonic()
+    superlink: subprocess.Popen | None = None
+
+    def _terminate(signum, frame):  # SIGTERM: unwind so that `finally` stops the SuperLink
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        superlink = _start_superlink(superlink_exe, http_port, home, log_file, env)
+        _wait_healthy(http_port, superlink, log_file)
+        # --stream makes `flwr run` wait for the run to end; without it it returns at once.
+        cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
+               "-c", run_args,
+               "--stream"]
+        with (out / "flwr-run.log").open("a") as run_log:
+            proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
+                                  stdout=None if stream else run_log,
+                                  stderr=None if stream else subprocess.STDOUT)
+        returncode = proc.returncode
+    finally:
+        _stop(superlink)
+        signal.signal(signal.SIGTERM, previous)
+    report = out / "report.md"
+    return SimulationResult(returncode, out, report if report.exists() else None,
+                            time.monotonic() - start)
+
+
+def _run(args) -> int:
+    from fedbrats.common.data.contract import POPULATIONS
+
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if not _:
+            print(f"--set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = value.strip()
+    from fedbrats.common.config import load_run_config
+
+    try:  # a bad setting fails here, before data are generated or a process starts
+        config_string(overrides)
+        load_run_config({"preset": args.preset, **overrides})
+    except ValueError as e:  # ConfigError is one
+        print(f"--set: {e}", file=sys.stderr)
+        return 2
+    sites = args.sites
+    if not 2 <= sites <= len(POPULATIONS):
+        print(f"--sites must be 2 to {len(POPULATIONS)}, got {sites}", file=sys.stderr)
+        return 2
+    data = Path(args.data)
+    if not data.exists() or not any(data.iterdir()):
+        from fedbrats.simulation.phantoms import case_counts, write_dataset
+
+        print(f"no data in {data}: generating the five-population phantom set")
+        counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
+        write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
+    result = run_simulation(args.out, data, num_sites=sites, preset=args.preset,
+                            overrides=overrides, cpus_per_site=args.cpus_per_site,
+                            gpus_per_site=args.gpus_per_site)
+    if result.returncode != 0 or result.report is None:
+        print(f"simulation failed (exit {result.returncode}); logs above, run folder "
+              f"{result.output_dir}", file=sys.stderr)
+        return result.returncode or 1
+    from fedbrats.server.report import summary_table
+
+    print()
+    print(summary_table(str(result.output_dir / "report.json")))
+    print(f"\nreport: {result.report}  ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+def register_simulate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run the whole protocol on Flower's simulation engine, one site per population",
+        description=(
+            "Run fedbrats end to end on this machine with Flower's simulation engine (Ray): "
+            "each site (GLI, SSA, PED, MEN, MET in that order) trains its teacher, then the "
+            "student is distilled over federated rounds and evaluated beside every teacher. "
+            "Generates the phantom data first if DATA is empty. Started again with the same "
+            "--out, a run goes on from its last finished round and reuses finished teachers."
+        ),
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder (default: %(default)s)")
+    p.add_argument("--data", default="data/phantoms",
+                   help="data root with one folder per population (default: %(default)s)")
+    p.add_argument("--preset", default="cpu-demo", choices=("tiny", "cpu-demo", "gpu"),
+                   help="run settings preset (default: %(default)s)")
+    p.add_argument("--sites", type=int, default=5,
+                   help="number of sites, the first N populations (default: %(default)s)")
+    p.add_argument("--cases", type=int, default=16,
+                   help="cases of the largest population when generating data "
+                   "(default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a run setting, e.g. --set num-rounds=3 (repeatable)")
+    p.add_argument("--cpus-per-site", type=float, default=1.0,
+                   help="CPU cores Ray gives each virtual site (default: %(default)s)")
+    p.add_argument("--gpus-per-site", type=float, default=0.0,
+                   help="GPU share per virtual site, e.g. 0.2 (default: %(default)s)")
+    p.set_defaults(func=_run)
+
+
+__all__ = ["SimulationResult", "register_simulate", "run_simulation"]

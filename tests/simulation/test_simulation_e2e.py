@@ -1,0 +1,126 @@
+"""End to end through Flower's real simulation engine (Ray): 3 sites, tiny grid and networks,
+one teacher epoch, two distillation rounds; then a restart that resumes and adds a round."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedbrats.common.config import PRESETS
+from fedbrats.simulation.phantoms import write_dataset
+from fedbrats.simulation.runner import run_simulation
+
+SITES = ("GLI", "SSA", "PED")  # partitions 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_dataset(root / "data", {p: 3 for p in SITES}, shape=(48, 48, 48), seed=1,
+                  progress=False)
+    result = run_simulation(root / "run", root / "data", num_sites=3, preset="tiny",
+                            overrides={"keep-site-updates": True}, stream=False)
+    return root, result
+
+
+def _audit(run_dir):
+    return [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def test_run_finishes_and_report_covers_every_site(sim):
+    _, result = sim
+    assert result.returncode == 0 and result.report is not None
+    report = json.loads((result.output_dir / "report.json").read_text())
+    assert list(report["sites"]) == list(SITES)
+    for site in SITES:
+        for who in ("student", "teacher"):
+            scores = report["sites"][site][who]
+            assert set(scores) == {"WT", "TC", "ET"}
+            assert 0.0 <= scores["WT"]["dice"] <= 1.0
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert (result.output_dir / "population_dice.png").stat().st_size > 1000
+    assert "| GLI" in result.report.read_text()
+
+
+def test_server_and_sites_ran_the_app_bundles_code(sim):
+    _, result = sim
+    code = json.loads((result.output_dir / "report.json").read_text())["run"]["code"]
+    repo = Path(__file__).resolve().parents[2]
+    assert set(code["sites"]) == set(SITES)
+    for where in map(Path, [code["server"], *code["sites"].values()]):
+        # Flower's unpacked app bundle ($FLWR_HOME/apps/<fab>), not the checkout it came from
+        assert where.parent.name == "apps" and where != repo, where
+        assert (where / "fedbrats_bundle.py").is_file() and (where / "client" / "app.py").is_file()
+
+
+def test_no_teacher_weights_left_any_site(sim):
+    _, result = sim
+    student_keys = set(torch.load(result.output_dir / "student.pt",
+                                  weights_only=True)["state_dict"])
+    entries = _audit(result.output_dir)
+    assert {e["phase"] for e in entries} == {"info", "teacher", "round", "evaluate", "final"}
+    for e in entries:
+        assert "error" not in e, e
+        if e["phase"] == "round":
+            assert set(e["arrays"]) == student_keys  # the student, and only the student
+        else:
+            assert e["arrays"] == {} and e["bytes"] == 0  # facts and metrics only
+    # the teacher is a different network: none of its parameter names was ever sent
+    teacher = torch.load(result.output_dir / "sites" / "GLI" / "teacher.pt", weights_only=True)
+    assert not set(teacher["state_dict"]) & student_keys
+
+
+def test_aggregate_is_the_equal_weight_mean_of_site_updates(sim):
+    _, result = sim
+    for rnd in (1, 2):
+        updates = [torch.load(result.output_dir / "updates" / f"round-{rnd:03d}" / f"{s}.pt",
+                              weights_only=True) for s in SITES]
+        ckpt = torch.load(result.output_dir / "checkpoints" / f"round-{rnd:03d}.pt",
+                          weights_only=True)["state_dict"]
+        for key, value in ckpt.items():
+            if not value.is_floating_point():
+                continue
+            mean = np.mean([u[key].double().numpy() for u in updates], axis=0)
+            np.testing.assert_allclose(value.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        # the sites really differed, so this is not a trivial mean
+        assert any(not torch.equal(updates[0][k], updates[1][k]) for k in ckpt
+                   if ckpt[k].is_floating_point())
+
+
+def test_final_student_stands_alone(sim):
+    _, result = sim
+    d = torch.load(result.output_dir / "student.pt", weights_only=True)
+    assert d["format"] == "fedbrats-student/1"
+    assert d["channels"] == ["t1n", "t1c", "t2w", "t2f"]
+    from fedbrats.common.networks.models import ModelSpec, TappedModel
+
+    model = TappedModel.from_spec(ModelSpec.from_dict(json.loads(d["spec"])))
+    model.net.load_state_dict(d["state_dict"])
+    logits, _ = model(torch.zeros(1, 4, 32, 32, 32))
+    assert logits.shape == (1, 4, 32, 32, 32)
+
+
+def test_no_process_left_behind(sim):
+    root, _ = sim
+    out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True)
+    assert out.stdout.strip() == ""
+
+
+def test_restart_resumes_from_the_last_round_and_reuses_teachers(sim):
+    root, first = sim
+    teacher_mtime = (first.output_dir / "sites" / "SSA" / "teacher.pt").stat().st_mtime
+    result = run_simulation(root / "run", root / "data", num_sites=3, preset="tiny",
+                            overrides={"num-rounds": 3}, stream=False)
+    assert result.returncode == 0
+    rounds = json.loads((result.output_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    sites = json.loads((result.output_dir / "sites.json").read_text())
+    assert all(sites[s]["teacher_training"]["reused"] == 1 for s in SITES)
+    assert (first.output_dir / "sites" / "SSA" / "teacher.pt").stat().st_mtime == teacher_mtime
+    # round 3 started from round 2's student: only one new round was trained
+    assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == [
+        "round-001.pt", "round-002.pt", "round-003.pt"]
+    assert PRESETS["tiny"].num_rounds == 2
