@@ -96,11 +96,9 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     keys = list(arrays.keys())
     dtypes = {k: np.dtype(arrays[k].dtype) for k in keys}
@@ -128,23 +126,9 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         rnd = server_round + done
         t0 = time.monotonic()
         wait_for_missing_sites(grid, run, f"round {rnd}")
-        connected = set(grid.get_node_ids())
-        for node in list(proxies):
-            if node not in connected:
-                manager.unregister(proxies.pop(node))
-        for node in sorted(connected - set(proxies)):
-            proxies[node] = GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id)
-            manager.register(proxies[node])
-
+        connected = _sync_proxies(grid, manager, proxies)
         sent = ArrayRecord({k: Array(current[k]) for k in keys})
-        config: dict[str, Any] = {
-            wire.SERVER_ROUND: server_round, wire.ROUND_OFFSET: done,
-            KEYS_CONFIG: "\n".join(keys), RANGE_CONFIG: CLIPPING_RANGE,
-        }
-        if run.strategy == "fedprox":
-            config[wire.PROXIMAL_MU] = run.proximal_mu
-        if dp:
-            config[KEY_CLIPPING_NORM] = run.dp_clipping_norm
+        config = _round_config(run, keys, server_round, done)
         ledger.sign_into(sent, config)
         legacy_strategy.on_fit_config_fn = lambda _r, c=config: dict(c)
         legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -154,18 +138,8 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         captured.clear()
         workflow(grid, legacy)
 
-        entry = ledger.entry(rnd)
         results = captured.get("results", [])
-        done_nodes = [proxy.node_id for proxy, _ in results]
-        for proxy, fitres in results:
-            site = ledger.site_of(proxy.node_id)
-            entry["train"][site] = {k: float(v) for k, v in fitres.metrics.items()
-                                    if isinstance(v, int | float) and not isinstance(v, bool)}
-            folder.audit(phase="round", round=rnd, site=site, arrays={}, bytes=0,
-                         secure_aggregation=True)
-        for node in sorted(connected - set(done_nodes)):
-            ledger.no_reply("round", rnd, node, "dropped out of the SecAgg+ round (see the log)",
-                            secure_aggregation=True)
+        _record_replies(ledger, folder, rnd, results, connected)
         if "results" not in captured or len(results) < run.required_sites:
             ledger.fail(rnd, f"round {rnd}: secure aggregation finished with {len(results)} of "
                              f"{run.num_sites} sites, fewer than min-sites ({run.required_sites})")
@@ -184,11 +158,62 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                  "saved; site losses %s", rnd, run.num_rounds, len(results),
                  time.monotonic() - t0, ledger.train_losses(rnd))
 
-        # per-round evaluation: plain Message-API messages, as without secure aggregation
-        record = ArrayRecord({k: Array(current[k]) for k in keys})
-        messages = recording.configure_evaluate(server_round, record,
-                                                ConfigRecord({wire.ROUND_OFFSET: done}), grid)
-        replies: list[Message] = list(grid.send_and_receive(list(messages),
-                                                            timeout=run.round_timeout))
-        recording.aggregate_evaluate(server_round, replies)
+        _evaluate_round(grid, recording, run, server_round, done,
+                        ArrayRecord({k: Array(current[k]) for k in keys}))
     return ArrayRecord({k: Array(current[k]) for k in keys})
+
+
+def _sync_proxies(grid: Grid, manager, proxies: dict[int, Any]) -> set[int]:
+    """Register the connected nodes with the legacy client manager (and drop the gone ones);
+    returns the connected node ids."""
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+    connected = set(grid.get_node_ids())
+    for node in list(proxies):
+        if node not in connected:
+            manager.unregister(proxies.pop(node))
+    for node in sorted(connected - set(proxies)):
+        proxies[node] = GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id)
+        manager.register(proxies[node])
+    return connected
+
+
+def _round_config(run: RunConfig, keys: list[str], server_round: int, done: int) -> dict:
+    """The config every site's SecAgg+ fit gets in one round."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config: dict[str, Any] = {
+        wire.SERVER_ROUND: server_round, wire.ROUND_OFFSET: done,
+        KEYS_CONFIG: "\n".join(keys), RANGE_CONFIG: CLIPPING_RANGE,
+    }
+    if run.strategy == "fedprox":
+        config[wire.PROXIMAL_MU] = run.proximal_mu
+    if run.dp_noise_multiplier > 0:
+        config[KEY_CLIPPING_NORM] = run.dp_clipping_norm
+    return config
+
+
+def _record_replies(ledger, folder: RunFolder, rnd: int, results: list, connected: set[int]
+                    ) -> None:
+    """Each finished site's training metrics and audit line; a no-reply for every other one."""
+    entry = ledger.entry(rnd)
+    for proxy, fitres in results:
+        site = ledger.site_of(proxy.node_id)
+        entry["train"][site] = {k: float(v) for k, v in fitres.metrics.items()
+                                if isinstance(v, int | float) and not isinstance(v, bool)}
+        folder.audit(phase="round", round=rnd, site=site, arrays={}, bytes=0,
+                     secure_aggregation=True)
+    done_nodes = {proxy.node_id for proxy, _ in results}
+    for node in sorted(connected - done_nodes):
+        ledger.no_reply("round", rnd, node, "dropped out of the SecAgg+ round (see the log)",
+                        secure_aggregation=True)
+
+
+def _evaluate_round(grid: Grid, recording, run: RunConfig, server_round: int, done: int,
+                    record: ArrayRecord) -> None:
+    """Per-round evaluation: plain Message-API messages, as without secure aggregation."""
+    messages = recording.configure_evaluate(server_round, record,
+                                            ConfigRecord({wire.ROUND_OFFSET: done}), grid)
+    replies: list[Message] = list(grid.send_and_receive(list(messages),
+                                                        timeout=run.round_timeout))
+    recording.aggregate_evaluate(server_round, replies)

@@ -150,3 +150,12 @@ def from_internal(seg: np.ndarray, convention: str = DEFAULT_CONVENTION) -> np.n
     if arr.size and (arr.min() < 0 or arr.max() > 3):
         raise LabelError(f"internal label maps hold values 0-3, found {np.unique(arr).tolist()}")
     return _lut(conv.from_internal)[arr.astype(np.int64)]
+
+
+def add_labels_argument(parser, of: str, flag: str = "--labels") -> None:
+    """A command's ``--labels CONVENTION`` option: which label convention ``of`` uses."""
+    parser.add_argument(
+        flag, metavar="CONVENTION", default=DEFAULT_CONVENTION, choices=sorted(CONVENTIONS),
+        help=f"label convention of {of} (default {DEFAULT_CONVENTION}; "
+        f"one of {', '.join(CONVENTIONS)})",
+    )

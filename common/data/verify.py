@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedbrats.common.data.contract import CONTRASTS
 from fedbrats.common.data.cases import CaseReport, check_site, discover_cases
-from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION, add_labels_argument
 
 
 def verify_site(
@@ -76,12 +76,5 @@ def register_verify_data(subparsers) -> None:
         default=None,
         help="manifest CSV (case_id, t1n, t1c, t2w, t2f, seg[, population]) for other layouts",
     )
-    p.add_argument(
-        "--labels",
-        metavar="CONVENTION",
-        default=DEFAULT_CONVENTION,
-        choices=sorted(CONVENTIONS),
-        help=f"label convention of the seg files (default {DEFAULT_CONVENTION}; "
-        f"one of {', '.join(CONVENTIONS)})",
-    )
+    add_labels_argument(p, of="the seg files")
     p.set_defaults(func=_run)

@@ -34,7 +34,7 @@ import numpy as np
 
 from fedbrats.common.data.cases import Case
 from fedbrats.common.data.contract import CONTRASTS, REGIONS, region_masks
-from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.labels import DEFAULT_CONVENTION, add_labels_argument
 from fedbrats.common.utils.plotting import pyplot
 
 if TYPE_CHECKING:
@@ -340,9 +340,7 @@ def register_explain(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gt", metavar="SEG", default=None,
                    help="ground-truth segmentation on the case's grid: values become Dice "
                    "per region instead of volumes")
-    p.add_argument("--labels", metavar="CONVENTION", default=DEFAULT_CONVENTION,
-                   choices=sorted(CONVENTIONS),
-                   help=f"label convention of --gt (default {DEFAULT_CONVENTION})")
+    add_labels_argument(p, of="--gt")
     p.add_argument("--out", metavar="DIR", default=".",
                    help="folder for the JSON and PNG (default: the current folder)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",

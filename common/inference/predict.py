@@ -49,7 +49,7 @@ import numpy as np
 
 from fedbrats.common.data.cases import Case, voxel_spacing
 from fedbrats.common.data.contract import CONTRASTS, REGIONS, region_masks
-from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.labels import DEFAULT_CONVENTION, add_labels_argument
 from fedbrats.common.inference.modelfile import PostprocessThresholds, Student
 
 if TYPE_CHECKING:
@@ -508,10 +508,7 @@ def register_predict(subparsers) -> argparse.ArgumentParser:
                    "names), or a manifest .csv")
     p.add_argument("--out", metavar="OUT_DIR", required=True,
                    help="folder for the output files (created if needed)")
-    p.add_argument("--labels", metavar="CONVENTION", default=DEFAULT_CONVENTION,
-                   choices=sorted(CONVENTIONS),
-                   help=f"label convention of the written segmentations (default "
-                   f"{DEFAULT_CONVENTION}; one of {', '.join(CONVENTIONS)})")
+    add_labels_argument(p, of="the written segmentations")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="write the raw argmax, without removing small components or "
                    "relabelling small ET")

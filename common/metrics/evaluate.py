@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedbrats.common.data.contract import POPULATIONS, REGIONS
-from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION, add_labels_argument
 
 __all__ = [
     "COUNT_METRICS",
@@ -617,14 +617,7 @@ def register_evaluate(subparsers) -> None:
         f"{', '.join(POPULATIONS)} (GLI/SSA/PED: dilation 3, 50 mm^3; MEN: 1, 50 mm^3; "
         "MET: 1, 2 mm^3)",
     )
-    p.add_argument(
-        "--labels",
-        metavar="CONVENTION",
-        default=DEFAULT_CONVENTION,
-        choices=sorted(CONVENTIONS),
-        help=f"label convention of the ground truth (default {DEFAULT_CONVENTION}; "
-        f"one of {', '.join(CONVENTIONS)})",
-    )
+    add_labels_argument(p, of="the ground truth")
     p.add_argument(
         "--pred-labels",
         metavar="CONVENTION",

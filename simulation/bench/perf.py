@@ -833,12 +833,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
                                          "machine": dict(machine), **results}, indent=1,
                                         default=float))
     plot_perf(results, paths["png"])
-    st = next(iter(results["steps"].values()))
     preset = results["settings"]["preset"]
-    run = _run_config(preset)
-    inf = results["inference"]
-    mem = results["memory"]
-    prof = results["profile"]
     lines = [
         "# Performance benchmark: what fedbrats costs",
         "",
@@ -853,6 +848,23 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
         "",
         f"![ratios and where a distillation round's time goes]({paths['png'].name})",
         "",
+    ]
+    lines += _md_steps(results)
+    lines += _md_simulation(results.get("simulation"))
+    lines += _md_bytes(results)
+    lines += _md_inference(results["inference"])
+    lines += _md_memory(results)
+    lines += _md_profile(results["profile"], preset)
+    lines += [f"Raw numbers: [`{paths['json'].name}`]({paths['json'].name}).", ""]
+    paths["markdown"].write_text("\n".join(lines))
+    return paths
+
+
+def _md_steps(results: Mapping[str, Any]) -> list[str]:
+    st = next(iter(results["steps"].values()))
+    preset = results["settings"]["preset"]
+    run = _run_config(preset)
+    lines = [
         "## Training steps and throughput",
         "",
         f"Preset `{preset}`: student `{run.student_model}`, teacher `{run.teacher_model}`, "
@@ -876,8 +888,11 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
         lines += ["No GPU on this machine (`torch.cuda.is_available()` is False): GPU "
                   "throughput not measured; the same command measures it where there is one.",
                   ""]
-    sim = results.get("simulation")
-    lines += ["## Simulation against one process", ""]
+    return lines
+
+
+def _md_simulation(sim: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Simulation against one process", ""]
     if sim:
         lines += [
             f"`run_simulation` (Flower's simulation engine on Ray, `tiny` preset, "
@@ -904,7 +919,12 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
         ]
     else:
         lines += ["Not run with `--quick` (it starts a SuperLink and Ray).", ""]
-    lines += [
+    return lines
+
+
+def _md_bytes(results: Mapping[str, Any]) -> list[str]:
+    sim = results.get("simulation")
+    lines = [
         "## Bytes per site and round",
         "",
         "A round sends each site the global student (train instruction) and gets its update "
@@ -930,7 +950,11 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
                   f"{min(ups):,}-{max(ups):,} bytes of array data"
                   + (f" (student-tiny float32 size {tiny['float32_bytes']:,})" if tiny else "")
                   + "; the teachers and their files were never sent.", ""]
-    lines += [
+    return lines
+
+
+def _md_inference(inf: Mapping[str, Any]) -> list[str]:
+    return [
         "## Inference on one case",
         "",
         f"One phantom case of {'x'.join(map(str, inf['input_shape']))} voxels "
@@ -953,6 +977,13 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
             ["`predict_case`, end to end", f"{inf['seconds']['predict']:.2f}"],
         ], ["l", "r"]),
         "",
+    ]
+
+
+def _md_memory(results: Mapping[str, Any]) -> list[str]:
+    mem = results["memory"]
+    preset = results["settings"]["preset"]
+    return [
         "## Peak memory of a site process",
         "",
         f"A fresh Python process imports what a site process imports (torch, MONAI, Flower, "
@@ -964,6 +995,11 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
         md_table(["after", "peak RSS (MiB)"],
                  [[k, f"{v:.0f}"] for k, v in mem["peak_mib_after"].items()], ["l", "r"]),
         "",
+    ]
+
+
+def _md_profile(prof: Mapping[str, Any], preset: str) -> list[str]:
+    return [
         "## Where the time of a distillation round goes",
         "",
         f"One `distill_round` of {prof['local_steps']} local steps (`{preset}` preset, GLI "
@@ -987,11 +1023,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
                    f"{e['cumulative_s']:.3f}"] for e in prof["top_functions_by_self_time"]],
                  ["l", "r", "r", "r"]),
         "",
-        f"Raw numbers: [`{paths['json'].name}`]({paths['json'].name}).",
-        "",
     ]
-    paths["markdown"].write_text("\n".join(lines))
-    return paths
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -330,12 +330,14 @@ def test_happy_path_report_covers_every_site(happy):
 
 
 @pytest.mark.slow
-def test_happy_path_ran_the_app_bundles_code_at_the_server(happy):
+def test_happy_path_ran_the_app_bundles_code_everywhere(happy):
     _, result, _, _ = happy
     code = _json(result.output_dir / "report.json")["run"]["code"]
     assert set(code["sites"]) == set(SITES)  # each site says where its code came from
     where = Path(code["server"])  # the unpacked bundle in Flower's apps/, not this checkout
     assert where.parent.name == "apps" and where != ROOT, where
+    for site, at in code["sites"].items():  # each site's ClientApp ran its own unpacked bundle
+        assert Path(at).parent.name == "apps" and Path(at) != ROOT, (site, at)
 
 
 @pytest.mark.slow

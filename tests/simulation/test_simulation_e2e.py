@@ -45,7 +45,7 @@ def test_run_finishes_and_report_covers_every_site(sim):
     assert "| GLI" in result.report.read_text()
 
 
-def test_server_ran_the_app_bundles_code(sim):
+def test_server_and_sites_ran_the_app_bundles_code(sim):
     _, result = sim
     code = json.loads((result.output_dir / "report.json").read_text())["run"]["code"]
     repo = Path(__file__).resolve().parents[2]
@@ -54,6 +54,8 @@ def test_server_ran_the_app_bundles_code(sim):
     # Flower's unpacked app bundle ($FLWR_HOME/apps/<fab>), not the checkout it came from
     assert where.parent.name == "apps" and where != repo, where
     assert (where / "fedbrats_bundle.py").is_file() and (where / "client" / "app.py").is_file()
+    # the sites too: the Ray actors that run them get the ClientApp pickled from the engine
+    assert all(Path(c) == where for c in code["sites"].values()), code["sites"]
 
 
 def test_no_teacher_weights_left_any_site(sim):
