@@ -113,12 +113,36 @@ def info(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.INFO_RECORD: config, wire.METRICS: metrics}), reply_to=msg)
 
 
+@app.train(wire.action(wire.WARM))
+def warm(msg: Message, context: Context) -> Message:
+    """One round of the teachers' federated warm start: the sent teacher network, trained on
+    this site's labels, goes back with its weight."""
+    from fedbrats.client.teacher import warm_round
+
+    refused = _refuse_unsigned(msg, context)
+    if refused is not None:
+        return refused
+    run, site = _setup(context)
+    state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    server_round = int(msg.content[wire.CONFIG].get(wire.SERVER_ROUND, 1))
+    new_state, metrics = warm_round(site, run, state, server_round)
+    record = MetricRecord({**{k: float(v) for k, v in metrics.items()}, wire.WEIGHT_KEY: 1.0})
+    return Message(RecordDict({wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: record}),
+                   reply_to=msg)
+
+
 @app.train(wire.action(wire.TEACHER))
 def train_teacher(msg: Message, context: Context) -> Message:
     from fedbrats.client.teacher import train_teacher as train_site_teacher
 
+    init = None
+    if wire.ARRAYS in msg.content.array_records:  # the warm start's global teacher network
+        refused = _refuse_unsigned(msg, context)
+        if refused is not None:
+            return refused
+        init = msg.content[wire.ARRAYS].to_torch_state_dict()
     run, site = _setup(context)
-    metrics = train_site_teacher(site, run)
+    metrics = train_site_teacher(site, run, init_state=init)
     record = MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
     # Metrics only: the teacher stays in site.work_dir.
     return Message(RecordDict({wire.METRICS: record}), reply_to=msg)

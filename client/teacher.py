@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,42 @@ def _read_teacher_file(path: Path) -> dict | None:
         return None
 
 
-def train_teacher(site: SiteConfig, run: RunConfig) -> dict:
+def warm_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch.Tensor],
+               server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """One site's round of the teachers' federated warm start: the global teacher network
+    (``state``) trained ``run.local_steps`` steps (a round, as in phase 2) on the site's labels
+    (Dice + CE, Adam at ``teacher-lr``, every contrast: the teacher never sees modality
+    dropout). Returns the updated state dict and the mean loss."""
+    import dataclasses
+
+    from fedbrats.client.distill import LocalTrainer
+
+    device = select_device(run)
+    data = load_site_data(site, run)
+    model = TappedModel.from_spec(resolve_spec(run.teacher_model))
+    model.net.load_state_dict(state)
+    model.to(device).train()
+    labels_only = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0,
+                                      modality_dropout=False)
+    seed = derived_seed(run.seed, site.population, "warm", server_round)
+    trainer = LocalTrainer(model, labels_only, device, run.teacher_lr, seed)
+    batches = training_batches(data.train_ds, run.batch_size, seed)
+    loss = 0.0
+    for _ in range(run.local_steps):
+        loss += float(trainer.step(next(batches))["total"])
+    metrics = {"loss": loss / run.local_steps, "num_steps": run.local_steps}
+    return {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, metrics
+
+
+def train_teacher(site: SiteConfig, run: RunConfig,
+                  init_state: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Train (or reuse, or resume) the site's teacher; returns metrics only.
 
     The teacher is stored in ``site.work_dir/teacher.pt`` with the settings it was trained with
     (:meth:`RunConfig.teacher_fingerprint`). A finished teacher with the same settings is reused;
-    an unfinished one resumes from its last finished epoch.
+    an unfinished one resumes from its last finished epoch. ``init_state``: the network the
+    training starts from (the federated warm start's result); required when
+    ``run.teacher_warm_rounds > 0`` and no stored teacher is reused or resumed.
     """
     path = teacher_path(site)
     fingerprint = run.teacher_fingerprint()
@@ -62,7 +93,13 @@ def train_teacher(site: SiteConfig, run: RunConfig) -> dict:
     data = load_site_data(site, run)
     spec = resolve_spec(run.teacher_model)
     torch.manual_seed(derived_seed(run.seed, site.population, "teacher"))
-    model = TappedModel.from_spec(spec).to(device)
+    model = TappedModel.from_spec(spec)
+    if init_state is not None:
+        model.net.load_state_dict(init_state)
+    elif run.teacher_warm_rounds and stored is None:
+        raise SiteError(f"{site.population}: teacher-warm-rounds is {run.teacher_warm_rounds} "
+                        "but no warm-start network was given to train the teacher from")
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=run.teacher_lr, weight_decay=1e-5)
     total_steps = run.teacher_epochs * run.teacher_steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=run.teacher_lr, total_steps=total_steps,

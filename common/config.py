@@ -38,6 +38,9 @@ TEACHER_RECIPE = 2
 2: batch Dice over the tumour classes (common/losses.py)."""
 
 
+STUDENT_INITS: tuple[str, ...] = ("new", "warm")
+
+
 class ConfigError(ValueError):
     """A run or site setting is missing, unknown or out of range."""
 
@@ -58,6 +61,15 @@ class RunConfig:
     teacher_epochs: int = 30
     teacher_steps_per_epoch: int = 8
     teacher_lr: float = 3e-3
+    teacher_warm_rounds: int = 0
+    """Rounds of federated averaging of the teacher network on labels (``teacher-steps-per-epoch``
+    local steps each, equal weight per site) before each site trains its teacher from the
+    global result; 0: every teacher starts from scratch. The warm-start model travels like the
+    student; the teachers trained from it never leave their sites."""
+    student_init: str = "new"
+    """Where phase 2's student starts: ``new`` (seeded initial weights) or ``warm`` (the
+    teachers' warm-start network; needs ``teacher-warm-rounds`` > 0 and the teacher's network
+    for the student's)."""
     # phase 2: distillation rounds
     num_rounds: int = 60
     local_steps: int = 30
@@ -158,6 +170,14 @@ class RunConfig:
             need(getattr(self, key) >= 0, key, "a number >= 0")
         need(0 <= self.min_sites <= self.num_sites, "min_sites",
              f"0 (all sites) up to num-sites ({self.num_sites})")
+        need(self.teacher_warm_rounds >= 0, "teacher_warm_rounds", "an integer >= 0 (0: off)")
+        need(self.student_init in STUDENT_INITS, "student_init", " or ".join(STUDENT_INITS))
+        if self.student_init == "warm":
+            need(self.teacher_warm_rounds > 0, "teacher_warm_rounds",
+                 "> 0 with student-init warm (the student starts from the warm start)")
+            need(resolve_spec(self.teacher_model) == resolve_spec(self.student_model),
+                 "student_init", "new unless teacher-model and student-model are the same "
+                 "network (the warm start trains the teacher's)")
         need(self.round_timeout > 0, "round_timeout", "a number of seconds > 0")
         need(0 <= self.dropout_prob < 1, "dropout_prob", "a probability in [0, 1)")
         names = [c.strip() for c in self.dropout_contrasts.split(",")]
@@ -182,6 +202,10 @@ class RunConfig:
             need(self.strategy in ("fedavg", "fedprox"), "strategy",
                  "fedavg or fedprox with differential privacy (FedAdam's server step would come "
                  "between the mean and the noise)")
+        if self.secure_aggregation or self.dp_noise_multiplier > 0:
+            need(self.teacher_warm_rounds == 0, "teacher_warm_rounds",
+                 "0 with secure-aggregation or differential privacy (the teachers' warm start "
+                 "is averaged in the clear, without noise)")
         if self.secure_aggregation:
             need(self.aggregation == "equal", "aggregation",
                  '"equal" with secure-aggregation (SecAgg+ sums equally weighted updates)')
@@ -227,7 +251,11 @@ class RunConfig:
         """
         keys = ("teacher_model", "spacing", "patch_size", "batch_size", "val_fraction",
                 "teacher_epochs", "teacher_steps_per_epoch", "teacher_lr", "seed")
-        return {"recipe": TEACHER_RECIPE, **{k: getattr(self, k) for k in keys}}
+        out = {"recipe": TEACHER_RECIPE, **{k: getattr(self, k) for k in keys}}
+        if self.teacher_warm_rounds:  # absent when off: teachers stored before it stay valid
+            out["teacher_warm_rounds"] = self.teacher_warm_rounds
+            out["warm_local_steps"] = self.local_steps
+        return out
 
 
 _BASE = RunConfig()

@@ -4,7 +4,10 @@ Both apps import these names from here, so neither imports the other. The protoc
 
 ==================  ============================================================================
 ``query.info``      the site's facts (population, case counts, contrasts, data-check summary)
-``train.teacher``   phase 1: train (or reuse) the site's teacher; the reply has metrics only
+``train.warm``      phase 1, with ``teacher-warm-rounds``: one round of the teachers' federated
+                    warm start on the sent teacher network; network + metrics back
+``train.teacher``   phase 1: train (or reuse) the site's teacher, from the warm-start network
+                    when one is sent; the reply has metrics only
 ``train``           phase 2: one distillation round on the sent student; student + metrics back
 ``evaluate``        the sent student on the site's validation cases (the per-round curve)
 ``evaluate.final``  the final student beside the site's teacher, and with each contrast removed
@@ -16,11 +19,12 @@ from __future__ import annotations
 __all__ = [
     "ARRAYS", "CODE_KEY", "CONFIG", "EVALUATE", "FINAL", "INFO", "INFO_RECORD", "KEYS_CONFIG",
     "METRICS", "PROXIMAL_MU", "PUBLIC_KEY_SETTING", "RANGE_CONFIG", "ROUND_OFFSET",
-    "SERVER_ROUND", "SIGNATURE_CONFIG_KEY", "TEACHER", "TRAIN", "WEIGHT_KEY", "action",
+    "SERVER_ROUND", "SIGNATURE_CONFIG_KEY", "TEACHER", "TRAIN", "WARM", "WEIGHT_KEY", "action",
 ]
 
 # -- message types ---------------------------------------------------------------------------
 INFO = "query.info"
+WARM = "train.warm"
 TEACHER = "train.teacher"
 TRAIN = "train"
 EVALUATE = "evaluate"

@@ -2,6 +2,8 @@
 
 1. ``query.info`` to every site: population, case counts, data checks.
 2. Phase 1, ``train.teacher``: every site trains its teacher, in parallel; metrics come back.
+   With ``teacher-warm-rounds``, ``train.warm`` rounds first average the teacher network over
+   the sites (FedAvg on labels) and each teacher then starts from that network.
 3. Phase 2, distillation rounds with a Flower strategy (FedAvg by default; FedProx, FedAdam);
    replies are weighted equally per population (or by training cases). The global student is
    saved after every round; a restarted run goes on from the last saved round.
@@ -102,13 +104,72 @@ def query_sites(grid: Grid, run: RunConfig, folder: RunFolder
     return nodes, names, sites, codes
 
 
+WARM_START_FILE = "warm-start.pt"
+
+
+def _signed_config(arrays: ArrayRecord, signer, **values) -> ConfigRecord:
+    config = ConfigRecord(values)
+    if signer is not None:
+        from fedbrats.common.security.signing import SIGNATURE_CONFIG_KEY, sign_arrays
+
+        config[SIGNATURE_CONFIG_KEY] = sign_arrays(arrays, signer)
+    return config
+
+
+def warm_start(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[int],
+               names: dict[int, str], signer) -> ArrayRecord | None:
+    """Phase 1's federated warm start (``teacher-warm-rounds``; None when 0): the teacher
+    network, averaged with equal weight per site after every round, kept in the run folder
+    after each so that a restarted run goes on from the last round done."""
+    if not run.teacher_warm_rounds:
+        return None
+    import torch
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedbrats.common.networks.models import new_warm_teacher
+    from fedbrats.common.utils.files import save_atomic
+
+    path = folder.path / WARM_START_FILE
+    done, state = 0, new_warm_teacher(run).net.state_dict()
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        done, state = int(saved["round"]), saved["state_dict"]
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    if done:
+        log(INFO, "fedbrats: teachers' warm start resumes after round %d of %d", done,
+            run.teacher_warm_rounds)
+    for rnd in range(done + 1, run.teacher_warm_rounds + 1):
+        t0 = time.monotonic()
+        config = _signed_config(arrays, signer, **{wire.SERVER_ROUND: rnd})
+        replies = _send(grid, nodes, wire.WARM,
+                        lambda a=arrays, c=config: RecordDict({wire.ARRAYS: a, wire.CONFIG: c}),
+                        run.round_timeout, folder, "warm", names)
+        if len(replies) < len(nodes):
+            raise RuntimeError(f"teachers' warm start, round {rnd}: {len(replies)} of "
+                               f"{len(nodes)} sites replied; see the log and audit.jsonl")
+        arrays = aggregate_arrayrecords([r.content for r in replies.values()], wire.WEIGHT_KEY)
+        save_atomic(path, {"round": rnd, "state_dict": arrays.to_torch_state_dict()})
+        losses = {names[n]: round(float(r.content[wire.METRICS]["loss"]), 4)
+                  for n, r in replies.items()}
+        log(INFO, "fedbrats: teachers' warm start, round %d/%d in %.1f s; site losses %s", rnd,
+            run.teacher_warm_rounds, time.monotonic() - t0, losses)
+    return arrays
+
+
 def train_teachers(grid: Grid, folder: RunFolder, nodes: list[int], names: dict[int, str],
-                   sites: dict[str, dict]) -> None:
-    """Phase 1: every site trains (or reuses) its teacher, in parallel; metrics come back."""
+                   sites: dict[str, dict], warm: ArrayRecord | None = None,
+                   signer=None) -> None:
+    """Phase 1: every site trains (or reuses) its teacher, in parallel, from the warm-start
+    network ``warm`` when there is one; metrics come back."""
     log(INFO, "fedbrats: phase 1, training the teachers at the sites")
-    replies = _send(grid, nodes, wire.TEACHER,
-                    lambda: RecordDict({wire.CONFIG: ConfigRecord()}),
-                    LONG_TIMEOUT_S, folder, "teacher", names)
+
+    def content() -> RecordDict:
+        if warm is None:
+            return RecordDict({wire.CONFIG: ConfigRecord()})
+        return RecordDict({wire.ARRAYS: warm, wire.CONFIG: _signed_config(warm, signer)})
+
+    replies = _send(grid, nodes, wire.TEACHER, content, LONG_TIMEOUT_S, folder, "teacher",
+                    names)
     for n, r in replies.items():
         m = dict(r.content[wire.METRICS])
         sites[names[n]]["teacher_training"] = m
@@ -119,13 +180,19 @@ def train_teachers(grid: Grid, folder: RunFolder, nodes: list[int], names: dict[
     folder.write_json("sites.json", sites)
 
 
-def _resume_point(run: RunConfig, folder: RunFolder, signer):
+def _resume_point(run: RunConfig, folder: RunFolder, signer, warm: ArrayRecord | None = None):
     """``(rounds done, the rounds.json entries kept, the student to start from, checkpoint)``;
-    a signed run refuses a checkpoint whose signature does not verify."""
+    a signed run refuses a checkpoint whose signature does not verify. Without a checkpoint
+    the student starts from the warm-start network ``warm`` with ``student-init`` warm."""
     ckpt = folder.latest_checkpoint()
     done = ckpt.round if ckpt else 0
     rounds: list[dict] = [r for r in folder.read_json("rounds.json", []) if r["round"] <= done]
-    arrays = ckpt.state_dict if ckpt else initial_student_arrays(run)
+    if ckpt:
+        arrays = ckpt.state_dict
+    elif run.student_init == "warm" and warm is not None:
+        arrays = warm.to_torch_state_dict()
+    else:
+        arrays = initial_student_arrays(run)
     if done:
         check_resumable(folder, done, arrays, initial_student_arrays(run))
         log(INFO, "fedbrats: resuming after round %d of %d", done, run.num_rounds)
@@ -142,10 +209,10 @@ def _resume_point(run: RunConfig, folder: RunFolder, signer):
 
 
 def distil(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
-           names: dict[int, str], signer) -> ArrayRecord:
+           names: dict[int, str], signer, warm: ArrayRecord | None = None) -> ArrayRecord:
     """Phase 2: the distillation rounds not yet done, with the run's Flower strategy (or
     SecAgg+); the global student is checkpointed after every round. Returns the final student."""
-    done, rounds, arrays, ckpt = _resume_point(run, folder, signer)
+    done, rounds, arrays, ckpt = _resume_point(run, folder, signer, warm)
     final_arrays = ArrayRecord(arrays)
     if done < run.num_rounds and run.secure_aggregation:
         from fedbrats.server.secagg import secagg_rounds
@@ -230,12 +297,15 @@ def main(grid: Grid, context: Context) -> None:
         return out
 
     nodes, names, sites, codes = query_sites(grid, run, folder)
-    timed("teachers", train_teachers, grid, folder, nodes, names, sites)
-    final_arrays = timed("distillation", distil, grid, context, run, folder, names, signer)
+    warm = timed("teachers", warm_start, grid, run, folder, nodes, names, signer)
+    timed("teachers", train_teachers, grid, folder, nodes, names, sites, warm, signer)
+    final_arrays = timed("distillation", distil, grid, context, run, folder, names, signer,
+                         warm)
     timed("evaluation", evaluate_final, grid, run, folder, nodes, names, sites, final_arrays,
           signer, accumulate=False)
     report(run, folder, sites, started, phase_seconds,
            {"server": code_location(), "sites": codes})
 
 
-__all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_teachers"]
+__all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_teachers",
+           "warm_start"]

@@ -724,6 +724,13 @@ def build_projector(
     return projector.to(param.device) if param is not None else projector
 
 
+def new_warm_teacher(run: RunConfig) -> TappedModel:
+    """The teacher network (``teacher-model``) as the teachers' federated warm start begins,
+    initialised from the run's seed: the same at the server and at every site."""
+    torch.manual_seed(derived_seed(run.seed, "teacher-warm-start"))
+    return TappedModel.from_spec(resolve_spec(run.teacher_model))
+
+
 def new_student(run: RunConfig) -> TappedModel:
     """The run's student network (``student-model``), initialised from the run's seed: the same
     initial weights at the server and at every site."""

@@ -1,72 +1,72 @@
-"""``fedbrats bench quality``: fedbrats against federated and centralised baselines, on phantoms.
+"""``fedbrats bench quality``: does the fedbrats student beat what a consortium runs today?
 
-Every method is trained on the same five phantom populations (BraTS-like imbalance: GLI and MEN
-large, SSA, PED and MET small) and scored on held-out *test* cases: phantoms generated with another
-seed, which no training step and no validation step sees. Each method runs for several seeds
-(network initialisation, batches, augmentation and the train/validation split); tables give the
-mean +/- standard deviation over seeds of the mean over each population's test cases.
+Every method is trained on the five phantom populations of ``make demo`` (BraTS-like imbalance:
+GLI 16, MEN 13, SSA, PED and MET 6 cases) and scored on held-out *test* cases: phantoms generated
+with another seed, which no training or validation step sees (10 per population). Each method runs
+for several seeds (network initialisation, batches, augmentation and the train/validation split).
+
+Every method reads its settings from the preset it names (``cpu-demo`` by default): the teachers
+are trained exactly as phase 1 trains them (``train_teacher``), the student exactly as phase 2
+(``distill_round``: rounds, local steps, modality dropout, learning-rate schedule, losses), so the
+benchmark cannot drift from the product. ``--fraction F`` scales the schedule (teacher epochs and
+distillation rounds alike; local steps, batches and learning rates stay) for the methods that
+time does not allow at the full one.
 
 Methods (:data:`METHODS`):
 
-==================  ===========================================================================
-``teacher``         each site's teacher (``train_teacher``) on its own population; the 5x5 table
-                    has every teacher on every population
-``ensemble``        the five teachers' softmax probabilities averaged
-``fedavg``          one student trained on labels only (Dice + CE), equal-weight FedAvg
-``fedavg_nodrop``   the same without modality dropout (plain FedAvg)
-``fedprox``         the same with FedProx's proximal term ``mu/2 ||w - w_global||^2``
-``fedavg_ft``       FedAvg for all rounds but the last, then each site fine-tunes it locally for
-                    one round of local steps instead of averaging: one model per site
-``centralised``     one student on the pooled training cases, population-balanced batches
-                    (one population after another), as many steps as all sites together
-``centralised_nodrop``  the same without modality dropout (the usual upper bound)
-``student``         the fedbrats distillation student (``distill_round``), equal weights
-``no_feature_kd``   the same with ``feature-weight`` 0
-``no_logit_kd``     the same with ``logit-weight`` 0
-``case_weighted``   the same, sites weighted by their number of training cases
-==================  ===========================================================================
+======================  =======================================================================
+``teacher``             each site's teacher (phase 1) on its own population; the 5x5 table has
+                        every teacher on every population
+``ensemble``            the five teachers' softmax probabilities averaged
+``fedavg``              one student on labels only (Dice + CE), equal-weight FedAvg, the
+                        student's rounds x local steps and modality dropout
+``fedavg_cm``           the same, compute-matched: also gets the teachers' optimizer steps, as
+                        extra rounds
+``fedprox``             ``fedavg`` with FedProx's proximal term ``mu/2 ||w - w_global||^2``
+``fedavg_ft``           FedAvg for all rounds but the last, then each site fine-tunes it for one
+                        round of local steps instead of averaging: one model per site
+``fedavg_nodrop``       ``fedavg`` without modality dropout (plain FedAvg)
+``centralised``         one student on the pooled training cases, population-balanced batches,
+                        as many steps as all sites together
+``centralised_nodrop``  the same without modality dropout
+``student``             the fedbrats student with the preset's protocol
+``no_feature_kd``       the student with ``feature-weight`` 0
+``no_logit_kd``         the student with ``logit-weight`` 0
+``case_weighted``       the student, sites weighted by their number of training cases
+======================  =======================================================================
 
 Federated methods run in this process with plain functions, not through Flower: each round calls
 every site's local training one after another and the server's aggregation is the weighted mean of
 the returned state dicts (what FedAvg and FedProx compute; the Flower path is tested in
-``tests/simulation/test_simulation_e2e.py``). The site functions of ``client/`` (``train_teacher``,
-``load_teacher``, ``distill_round``, ``evaluate_model``, ``predict_volume``) are the ones a real
-site runs. The labels-only baselines use :func:`supervised_round`: ``distill_round``'s loop, same
-batch sampling, same modality dropout (except the ``_nodrop`` rows) and learning-rate schedule,
-without the teacher.
+``tests/simulation/test_simulation_e2e.py``). The site functions are those of ``client/``.
 
-Budget: every trained network (teachers included) gets the same number of optimizer steps x
-batch per site; the centralised model gets the sum over the sites.
+Resumable in parts: each (fraction, seed, method) is one JSON file under ``OUT/quality-parts/``,
+written when the method is done, with the settings it ran with; a run skips the parts it finds
+(same settings) and the report merges every part there into one table. Teachers are kept in the
+work folder and reused by a later run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, REGIONS
-from fedbrats.common.utils.plotting import pyplot
+from fedbrats.common.data.contract import CONTRASTS, POPULATIONS
 from fedbrats.simulation.bench.perf import (
     add_common_arguments,
     command_line,
-    fmt_mean_sd,
     machine_info,
-    machine_markdown,
-    md_table,
-    mean_sd,
     register_perf,
     resolve_dirs,
     torch_threads,
@@ -83,91 +83,112 @@ METHODS: dict[str, str] = {
     "teacher": "local teacher (own population)",
     "ensemble": "ensemble of the 5 teachers",
     "fedavg": "FedAvg, labels only",
-    "fedavg_nodrop": "FedAvg, no modality dropout",
+    "fedavg_cm": "FedAvg, compute-matched",
     "fedprox": "FedProx, labels only",
     "fedavg_ft": "FedAvg + local fine-tuning",
+    "fedavg_nodrop": "FedAvg, no modality dropout",
     "centralised": "centralised, pooled",
     "centralised_nodrop": "centralised, no modality dropout",
     "student": "fedbrats student",
     "no_feature_kd": "student, no feature KD",
     "no_logit_kd": "student, no logit KD",
     "case_weighted": "student, case-weighted mean",
+    "kd_correct": "student, logit KD only where the teacher is right",
+    "kd_correct_nofeat": "student, KD where the teacher is right, no feature KD",
+    "warm_teacher": "teachers from a federated warm start",
+    "warm_student": "student of the warm-started teachers",
+    "warm_ensemble": "ensemble of the warm-started teachers",
+    "fedkd": "student from a FedAvg warm start, its fine-tuned teachers",
+    "fedkd_teacher": "teachers fine-tuned from the FedAvg warm start",
+    "fedkd_ensemble": "ensemble of the fine-tuned warm-start teachers",
 }
 """Method keys, in table order, with the label the tables use."""
+
+DECIDING: tuple[str, ...] = ("teacher", "ensemble", "fedavg", "student")
+"""The methods that decide the issue's question; ``--methods deciding`` runs these."""
 
 DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "student": {},
     "no_feature_kd": {"feature_weight": 0.0},
     "no_logit_kd": {"logit_weight": 0.0},
     "case_weighted": {"aggregation": "cases"},
+    "kd_correct": {"kd_mask": "teacher-correct"},
+    "kd_correct_nofeat": {"kd_mask": "teacher-correct", "feature_weight": 0.0},
+    "warm_student": lambda run: warm_split(run),
+    "fedkd": lambda run: fedkd_split(run),
 }
-"""Run-setting changes of each distillation method against the benchmark's run settings."""
+"""Run-setting changes of each distillation method against the preset (or a function of the
+preset's settings that gives them)."""
+
+
+def fedkd_split(run: RunConfig) -> dict[str, Any]:
+    """Teachers of the student's own network from a FedAvg warm start that the student also
+    starts from: a third of the rounds warm start, the rest distillation, the teachers'
+    epochs as fine-tuning (the steps of compute-matched FedAvg)."""
+    warm = max(1, run.num_rounds // 3)
+    return {"teacher_model": run.student_model, "teacher_warm_rounds": warm,
+            "student_init": "warm", "num_rounds": max(1, run.num_rounds - warm)}
+
+
+def warm_split(run: RunConfig) -> dict[str, int]:
+    """The teachers' steps of ``run`` split in half: warm-start rounds, then local epochs (the
+    same teacher compute as training from scratch)."""
+    warm = max(1, run.teacher_epochs // 2)
+    return {"teacher_warm_rounds": warm, "teacher_epochs": max(1, run.teacher_epochs - warm)}
 
 SUBSETS: tuple[tuple[str, ...], ...] = tuple(
     s for k in range(1, len(CONTRASTS) + 1) for s in combinations(CONTRASTS, k)
 )
 """The 15 non-empty subsets of the contrasts: singles, pairs, triples, all four."""
 
-DICE_METRICS = ("dice",)
-TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
-    ("dice", "Dice", True),
-    ("hd95", "HD95 (mm)", False),
-)
-"""(metric key, title, higher is better) of the population x method tables."""
+KEPT_METRICS = ("dice", "hd95", "lesion_dice", "lesion_hd95", "volume_ratio")
+"""The metrics a part keeps per population and region: those of ``evaluate_case`` and the
+predicted over the true volume (under 1: under-segmentation)."""
+
+KEY_OMITS_WHEN_OFF = ("teacher_warm_rounds",)
+"""Run settings added after parts were stored: left out of a part's key while they are off."""
+
+CURVE_CASES = 3
+"""Test cases per population of the per-round curves (Dice every ``curve_every`` rounds)."""
 
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """Sizes of one benchmark run (:data:`QUICK` for the tests, :data:`FULL` for the docs)."""
+    """What one benchmark run trains and tests on (:data:`QUICK` for the tests, :data:`FULL`)."""
 
-    teacher_model: str
-    student_model: str
-    spacing: float
-    """Training and evaluation grid (mm)."""
-    patch_size: int
-    batch_size: int
-    num_rounds: int
-    local_steps: int
-    """Optimizer steps per site and round; every trained network gets ``num_rounds *
-    local_steps`` steps per site (teachers as ``teacher_epochs`` x the rest)."""
-    teacher_epochs: int
-    shape: int
-    """Phantom grid (a cube; 96 = 2 mm voxels, 48 = 4 mm)."""
-    train_largest: int
+    preset: str = "cpu-demo"
+    """The preset every method takes its settings from."""
+    fraction: float = 1.0
+    """Share of the preset's schedule (teacher epochs and distillation rounds, rounded)."""
+    shape: int = 96
+    """Phantom grid (a cube; 96 = 2 mm voxels, as ``make synth``)."""
+    train_largest: int = 16
     """Training-side cases of the largest population; the others follow BraTS 2023's imbalance
-    (``fedbrats.simulation.phantoms.case_counts``), at least ``min_train``."""
-    min_train: int
-    test_cases: int
+    (``fedbrats.simulation.phantoms.case_counts``), at least ``min_train``: ``make synth``."""
+    min_train: int = 6
+    test_cases: int = 10
     """Held-out test cases per population."""
-    seeds: tuple[int, ...]
-    val_fraction: float = 0.2
+    seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     test_seed: int = 1000
     """Phantom seed of the test cases: other brains and tumours than the training side's."""
+    curve_every: int = 10
+    """Rounds between two points of the per-round curves (0: no curves)."""
 
     def __post_init__(self) -> None:
-        if self.num_rounds < 2:
-            raise ValueError("num_rounds must be >= 2 (FedAvg + fine-tuning needs a last round)")
-        if self.num_rounds * self.local_steps % self.teacher_epochs:
-            raise ValueError("teacher_epochs must divide num_rounds * local_steps")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if not self.seeds:
             raise ValueError("at least one seed")
 
-    @property
-    def steps_per_site(self) -> int:
-        return self.num_rounds * self.local_steps
-
     def run(self, seed: int, **changes: Any) -> RunConfig:
-        """The run settings of ``seed`` (the cpu-demo preset's losses, dropout and schedule)."""
+        """The preset's run settings for ``seed``, its schedule scaled by ``fraction``."""
         from fedbrats.common.config import PRESETS
 
+        base = PRESETS[self.preset]
         return dataclasses.replace(
-            PRESETS["cpu-demo"], preset="bench", teacher_model=self.teacher_model,
-            student_model=self.student_model, spacing=self.spacing, patch_size=self.patch_size,
-            batch_size=self.batch_size, val_fraction=self.val_fraction,
-            teacher_epochs=self.teacher_epochs,
-            teacher_steps_per_epoch=self.steps_per_site // self.teacher_epochs,
-            num_rounds=self.num_rounds, local_steps=self.local_steps, seed=seed, **changes,
+            base, seed=seed, num_rounds=max(2, round(base.num_rounds * self.fraction)),
+            teacher_epochs=max(1, round(base.teacher_epochs * self.fraction)), **changes,
         )
 
     def train_counts(self) -> dict[str, int]:
@@ -175,20 +196,27 @@ class QualitySettings:
 
         return {p: max(n, self.min_train) for p, n in case_counts(self.train_largest).items()}
 
+    def key(self, seed: int) -> str:
+        """What a part's scores depend on, but the seed: the data and the run settings (the
+        same for every seed of one fraction, so that the report can group the parts by it)."""
+        run = dataclasses.asdict(self.run(seed))
+        for k in ("seed", "output_dir", "data_root", "device", "eval_every", "keep_site_updates"):
+            run.pop(k, None)
+        for k in KEY_OMITS_WHEN_OFF:  # parts made before these settings existed stay valid
+            if not run.get(k):
+                run.pop(k, None)
+        data = {k: getattr(self, k) for k in ("shape", "train_largest", "min_train",
+                                               "test_cases", "data_seed", "test_seed")}
+        text = json.dumps({"run": run, "data": data}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-QUICK = QualitySettings(
-    teacher_model="teacher-tiny", student_model="student-tiny", spacing=4.0, patch_size=16,
-    batch_size=1, num_rounds=2, local_steps=1, teacher_epochs=1, shape=32, train_largest=2,
-    min_train=2, test_cases=1, seeds=(0,),
-)
-"""For the test suite: tiny networks on 32^3 phantoms, one test case per population, one seed."""
 
-FULL = QualitySettings(
-    teacher_model="teacher-cpu", student_model="student-cpu", spacing=3.0, patch_size=32,
-    batch_size=2, num_rounds=10, local_steps=10, teacher_epochs=10, shape=96, train_largest=10,
-    min_train=3, test_cases=4, seeds=(0, 1, 2),
-)
-"""For docs/bench/quality.md: the cpu-demo networks, sized for ~20-25 min on two CPU cores."""
+QUICK = QualitySettings(preset="tiny", shape=32, train_largest=2, min_train=2, test_cases=1,
+                        seeds=(0,), curve_every=1)
+"""For the test suite: the tiny preset on 32^3 phantoms, one test case per population."""
+
+FULL = QualitySettings()
+"""For docs/bench/quality.md: the cpu-demo preset at its full schedule, 3 seeds."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,20 +231,28 @@ class TestSet:
     site: SiteConfig
     dataset: Any
     num_cases: int
+    spacings: list
+    """Each case's voxel spacing (mm), from its label file's header."""
 
 
 def _write_once(folder: Path, counts: Mapping[str, int], shape: int, seed: int) -> Path:
     """Phantoms in ``folder``, written unless a finished copy with the same counts is there."""
+    import fcntl
+
     from fedbrats.simulation.phantoms import write_dataset
 
     stamp = folder / "phantoms.json"
     want = {"counts": dict(counts), "shape": shape, "seed": seed}
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    write_dataset(folder, counts, shape=(shape,) * 3, seed=seed, progress=False)
-    stamp.write_text(json.dumps(want))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # runs of other parts may start side by side: one writes, the others wait for it
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and json.loads(stamp.read_text()) == want:
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_dataset(folder, counts, shape=(shape,) * 3, seed=seed, progress=False)
+        stamp.write_text(json.dumps(want))
     return folder
 
 
@@ -225,21 +261,28 @@ def prepare_data(settings: QualitySettings, work: Path) -> tuple[Path, Path]:
     train = _write_once(work / "data" / f"train-{settings.shape}-seed{settings.data_seed}",
                         settings.train_counts(), settings.shape, settings.data_seed)
     test_counts = {p: settings.test_cases for p in POPULATIONS}
-    test = _write_once(work / "data" / f"test-{settings.shape}-seed{settings.test_seed}",
+    test = _write_once(work / "data" / f"test-{settings.shape}-seed{settings.test_seed}-"
+                                       f"{settings.test_cases}",
                        test_counts, settings.shape, settings.test_seed)
     return train, test
 
 
-def load_test_sets(test_root: Path, run: RunConfig) -> dict[str, TestSet]:
+def load_test_sets(test_root: Path, run: RunConfig, limit: int | None = None
+                   ) -> dict[str, TestSet]:
+    """Each population's test cases (the first ``limit`` of them if given)."""
+    import nibabel as nib
+
     from fedbrats.common.config import SiteConfig
-    from fedbrats.common.data.cases import discover_cases
+    from fedbrats.common.data.cases import discover_cases, voxel_spacing
     from fedbrats.common.data.transforms import build_dataset
 
     out = {}
     for pop in POPULATIONS:
-        cases = [c for c in discover_cases(test_root / pop) if c.seg is not None]
+        cases = [c for c in discover_cases(test_root / pop) if c.seg is not None][:limit]
         site = SiteConfig(population=pop, data_dir=test_root / pop, work_dir=test_root / pop)
-        out[pop] = TestSet(site, build_dataset(cases, (run.spacing,) * 3, None), len(cases))
+        spacings = [voxel_spacing(nib.load(c.seg).affine) for c in cases]
+        out[pop] = TestSet(site, build_dataset(cases, (run.spacing,) * 3, None), len(cases),
+                           spacings)
     return out
 
 
@@ -270,8 +313,6 @@ def supervised_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch
     as ``fedbrats.client.distill.distill_round``; loss Dice + CE, plus FedProx's proximal term when
     ``proximal_mu > 0``.
     """
-    import dataclasses
-
     from fedbrats.client.distill import distill_round
 
     labels_only = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
@@ -279,32 +320,51 @@ def supervised_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch
 
 
 LocalFn = Callable[["SiteConfig", Mapping[str, "torch.Tensor"], int], Mapping[str, "torch.Tensor"]]
+RoundHook = Callable[[int, Mapping[str, "torch.Tensor"]], None]
 
 
 def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
-              weights: Mapping[str, float]) -> tuple[dict, dict[str, dict]]:
+              weights: Mapping[str, float], after_round: RoundHook | None = None,
+              init: Mapping[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, dict]]:
     """``run.num_rounds`` rounds: every site trains the global student, the server averages.
 
     Returns the final global student and the sites' updates of the last round (each the global
     student of the round before, trained ``run.local_steps`` more steps at that site).
+    ``after_round(round, global_state)`` is called after each aggregation; ``init``: the
+    student to start from (default: the run's new student).
     """
     from fedbrats.common.networks.models import new_student
 
-    state = {k: v.detach().clone() for k, v in new_student(run).net.state_dict().items()}
+    start = init if init is not None else new_student(run).net.state_dict()
+    state = {k: v.detach().clone() for k, v in start.items()}
     updates: dict[str, dict] = {}
     for rnd in range(1, run.num_rounds + 1):
         updates = {p: dict(local(site, state, rnd)) for p, site in sites.items()}
         state = weighted_mean([updates[p] for p in sites], [weights[p] for p in sites])
+        if after_round is not None:
+            after_round(rnd, state)
         log.info("  round %d/%d done", rnd, run.num_rounds)
     return state, updates
+
+
+def warm_start(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, torch.Tensor]:
+    """The teachers' federated warm start: ``run.teacher_warm_rounds`` rounds of
+    ``warm_round`` at every site, averaged with equal weight (what the server does)."""
+    from fedbrats.client.teacher import warm_round
+    from fedbrats.common.networks.models import new_warm_teacher
+
+    state = {k: v.detach().clone() for k, v in new_warm_teacher(run).net.state_dict().items()}
+    for rnd in range(1, run.teacher_warm_rounds + 1):
+        updates = [warm_round(site, run, state, rnd)[0] for site in sites.values()]
+        state = weighted_mean(updates, [1.0] * len(updates))
+        log.info("  warm-start round %d/%d done", rnd, run.teacher_warm_rounds)
+    return state
 
 
 def centralised(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, torch.Tensor]:
     """One student on the pooled training cases: each step takes a batch of the next population
     in turn (population-balanced), ``num_rounds * local_steps`` steps per population, the same
     learning-rate schedule, loss and modality dropout as the federated students."""
-    import dataclasses
-
     from fedbrats.client.data import load_site_data, select_device, training_batches
     from fedbrats.client.distill import LocalTrainer
     from fedbrats.common.networks.models import new_student
@@ -357,6 +417,8 @@ def _with_teacher(sites: Mapping[str, SiteConfig], folder: Path) -> dict[str, Si
     from fedbrats.client.teacher import TEACHER_FILE
 
     out = {}
+    if folder.exists():
+        shutil.rmtree(folder)  # a projector left by an interrupted run would not start afresh
     for pop, site in sites.items():
         work = folder / pop
         work.mkdir(parents=True, exist_ok=True)
@@ -366,120 +428,28 @@ def _with_teacher(sites: Mapping[str, SiteConfig], folder: Path) -> dict[str, Si
 
 
 # --------------------------------------------------------------------------------------------
-# One seed
+# Scoring
 # --------------------------------------------------------------------------------------------
 
 
 def _scores(scores: Mapping) -> dict:
-    """Keep the tabled metrics of ``evaluate_model``'s mean scores."""
-    keep = ("dice", "hd95", "lesion_dice", "lesion_hd95")
-    return {r: {m: float(v) for m, v in s.items() if m in keep} for r, s in scores.items()}
+    """The kept metrics of ``evaluate_model``'s mean scores."""
+    return {r: {m: float(v) for m, v in s.items() if m in KEPT_METRICS}
+            for r, s in scores.items()}
 
 
-def run_seed(settings: QualitySettings, seed: int, train_root: Path, tests: Mapping[str, TestSet],
-             work: Path) -> dict:
-    """Every method for one seed; returns the scores, the 5x5 table, the subsets and timings."""
-    import torch
+def score_case(pred, gt, spacing, population: str) -> dict:
+    """``evaluate_case`` plus each region's predicted / true volume (nan when there is none)."""
+    import numpy as np
 
-    from fedbrats.client.data import load_site_data, select_device
-    from fedbrats.client.distill import distill_round
-    from fedbrats.client.scoring import evaluate_model
-    from fedbrats.client.teacher import load_teacher, train_teacher
-    from fedbrats.common.config import SiteConfig
+    from fedbrats.common.data.contract import REGIONS, region_masks
+    from fedbrats.common.metrics.brats import evaluate_case
 
-    run = settings.run(seed)
-    device = select_device(run)
-    folder = work / f"seed-{seed}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    sites = {p: SiteConfig(population=p, data_dir=train_root / p, work_dir=folder / "teachers" / p)
-             for p in POPULATIONS}
-    out: dict[str, Any] = {"seed": seed, "scores": {m: {} for m in METHODS}, "cross": {},
-                           "subsets": {}, "seconds": {}}
-    out["train_cases"] = {p: len(load_site_data(s, run).train_cases) for p, s in sites.items()}
-
-    def evaluate(model, pop: str, drop: tuple[str, ...] = ()) -> dict:
-        test = tests[pop]
-        return _scores(evaluate_model(model, test.dataset, test.site, run, device, drop))
-
-    @contextmanager
-    def timed(key: str) -> Iterator[None]:
-        log.info("seed %d: %s", seed, METHODS.get(key, key))
-        t0 = time.perf_counter()
-        yield
-        out["seconds"][key] = out["seconds"].get(key, 0.0) + time.perf_counter() - t0
-
-    torch.manual_seed(seed)
-    with timed("teacher"):
-        for site in sites.values():
-            train_teacher(site, run)
-    teachers = {p: load_teacher(site, run, device) for p, site in sites.items()}
-    with timed("evaluation"):
-        for tp, teacher in teachers.items():
-            # Dice only off the diagonal (the 5x5 table shows Dice); full scores on it
-            out["scores"]["teacher"][tp] = evaluate(teacher, tp)
-            out["cross"][tp] = {ep: dice_only(teacher, tests[ep], run, device) if ep != tp
-                                else out["scores"]["teacher"][tp] for ep in POPULATIONS}
-        ensemble = _ensemble(list(teachers.values())).to(device)
-        out["scores"]["ensemble"] = {p: evaluate(ensemble, p) for p in POPULATIONS}
-    del ensemble
-
-    equal = {p: 1.0 for p in sites}
-    with timed("fedavg"):
-        fedavg, last_updates = federated(
-            sites, run, lambda s, st, r: supervised_round(s, run, st, r), equal)
-    with timed("fedprox"):
-        fedprox, _ = federated(
-            sites, run, lambda s, st, r: supervised_round(s, run, st, r, run.proximal_mu), equal)
-    plain = dataclasses.replace(run, modality_dropout=False)
-    with timed("fedavg_nodrop"):
-        fedavg_nodrop, _ = federated(
-            sites, plain, lambda s, st, r: supervised_round(s, plain, st, r), equal)
-    with timed("centralised"):
-        central = _student(run, centralised(sites, run), device)
-    with timed("centralised_nodrop"):
-        central_nodrop = _student(run, centralised(sites, plain), device)
-    with timed("evaluation"):
-        out["scores"]["fedavg"] = {p: evaluate(_student(run, fedavg, device), p)
-                                   for p in POPULATIONS}
-        out["scores"]["fedprox"] = {p: evaluate(_student(run, fedprox, device), p)
-                                    for p in POPULATIONS}
-        # the last round's local updates are the fine-tuned models: FedAvg for rounds 1..R-1,
-        # then local_steps more steps at each site, not averaged
-        out["scores"]["fedavg_ft"] = {p: evaluate(_student(run, last_updates[p], device), p)
-                                      for p in POPULATIONS}
-        out["scores"]["centralised"] = {p: evaluate(central, p) for p in POPULATIONS}
-        out["scores"]["fedavg_nodrop"] = {p: evaluate(_student(run, fedavg_nodrop, device), p)
-                                          for p in POPULATIONS}
-        out["scores"]["centralised_nodrop"] = {p: evaluate(central_nodrop, p)
-                                               for p in POPULATIONS}
-
-    for method, changes in DISTILLATION_VARIANTS.items():
-        vrun = dataclasses.replace(run, **changes)
-        vsites = _with_teacher(sites, folder / method)
-        if vrun.aggregation == "cases":
-            weights = {p: float(len(load_site_data(s, vrun).train_cases))
-                       for p, s in vsites.items()}
-        else:
-            weights = equal
-        with timed(method):
-            state, _ = federated(vsites, vrun,
-                                 lambda s, st, r, vrun=vrun: distill_round(s, vrun, st, r)[0],
-                                 weights)
-        with timed("evaluation"):
-            model = _student(run, state, device)
-            out["scores"][method] = {p: evaluate(model, p) for p in POPULATIONS}
-            if method == "student":
-                for subset in SUBSETS:
-                    drop = tuple(c for c in CONTRASTS if c not in subset)
-                    name = "+".join(subset)
-                    if not drop:
-                        out["subsets"][name] = out["scores"]["student"]
-                        continue
-                    out["subsets"][name] = {p: dice_only(model, tests[p], run, device, drop)
-                                            for p in POPULATIONS}
-    if folder.exists():
-        shutil.rmtree(folder)  # teachers, projectors: several MB per site and variant
+    out = evaluate_case(pred, gt, spacing, population)
+    for r in REGIONS:
+        true = np.count_nonzero(region_masks(gt, r))
+        out[r]["volume_ratio"] = (np.count_nonzero(region_masks(pred, r)) / true if true
+                                  else float("nan"))
     return out
 
 
@@ -496,379 +466,427 @@ def dice_only(model, test: TestSet, run: RunConfig, device, drop: Sequence[str] 
 
 
 # --------------------------------------------------------------------------------------------
-# Summaries
+# One seed, method by method
 # --------------------------------------------------------------------------------------------
 
 
-def _cell(values: Sequence[float], digits: int) -> str:
-    return fmt_mean_sd(values, digits)
+@dataclass
+class SeedRun:
+    """What the methods of one (fraction, seed) share: settings, sites, test sets, teachers."""
+
+    settings: QualitySettings
+    seed: int
+    train_root: Path
+    tests: Mapping[str, TestSet]
+    curve_tests: Mapping[str, TestSet]
+    work: Path
+    _teachers: dict | None = None
+
+    @property
+    def run(self) -> RunConfig:
+        return self.settings.run(self.seed)
+
+    @property
+    def folder(self) -> Path:
+        return self.work / f"f{self.settings.fraction:g}" / f"seed-{self.seed}"
+
+    @property
+    def device(self):
+        from fedbrats.client.data import select_device
+
+        return select_device(self.run)
+
+    @property
+    def sites(self) -> dict[str, SiteConfig]:
+        from fedbrats.common.config import SiteConfig
+
+        return {p: SiteConfig(population=p, data_dir=self.train_root / p,
+                              work_dir=self.folder / "teachers" / p) for p in POPULATIONS}
+
+    def evaluate(self, model, pop: str) -> dict:
+        from fedbrats.client.scoring import evaluate_model
+
+        test = self.tests[pop]
+        spacings = iter(test.spacings)  # evaluate_model scores the cases in order
+
+        def score(pred, gt) -> dict:
+            return score_case(pred, gt, next(spacings), pop)
+
+        return _scores(evaluate_model(model, test.dataset, test.site, self.run, self.device,
+                                      score=score))
+
+    def evaluate_all(self, model) -> dict:
+        return {p: self.evaluate(model, p) for p in POPULATIONS}
+
+    def teachers(self) -> dict:
+        """Every site's teacher as phase 1 trains it (kept in the work folder, reused)."""
+        if self._teachers is None:
+            import torch
+
+            from fedbrats.client.teacher import load_teacher, train_teacher
+
+            torch.manual_seed(self.seed)
+            run, sites = self.run, self.sites
+            for site in sites.values():
+                train_teacher(site, run)
+            self._teachers = {p: load_teacher(s, run, self.device) for p, s in sites.items()}
+        return self._teachers
+
+    def teachers_for(self, run: RunConfig) -> dict[str, SiteConfig]:
+        """Sites whose work folders hold finished teachers trained with ``run``'s teacher
+        settings: phase 1's own when they are the preset's, else trained here (with the
+        federated warm start when ``run.teacher_warm_rounds`` > 0), kept and reused."""
+        if run.teacher_fingerprint() == self.run.teacher_fingerprint():
+            self.teachers()
+            return self.sites
+        import torch
+
+        from fedbrats.client.data import SiteError
+        from fedbrats.client.teacher import load_teacher, train_teacher
+
+        tag = hashlib.sha256(json.dumps(run.teacher_fingerprint(), sort_keys=True)
+                             .encode()).hexdigest()[:8]
+        folder = self.folder / f"teachers-{tag}"
+        sites = {p: dataclasses.replace(s, work_dir=folder / p) for p, s in self.sites.items()}
+        try:
+            for site in sites.values():
+                load_teacher(site, run, self.device)
+            return sites
+        except SiteError:
+            pass
+        init = None
+        if run.teacher_warm_rounds:
+            init = warm_start(sites, run)
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(init, folder / "warm-start.pt")
+        for site in sites.values():
+            train_teacher(site, run, init_state=init)
+        return sites
+
+    def warm_state(self, run: RunConfig) -> dict | None:
+        """The warm-start network :meth:`teachers_for` trained for ``run`` (None without)."""
+        import torch
+
+        self.teachers_for(run)
+        tag = hashlib.sha256(json.dumps(run.teacher_fingerprint(), sort_keys=True)
+                             .encode()).hexdigest()[:8]
+        path = self.folder / f"teachers-{tag}" / "warm-start.pt"
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    def curve_hook(self, run: RunConfig, curve: dict) -> RoundHook | None:
+        """Records the global model's Dice on the curve cases every ``curve_every`` rounds."""
+        every = self.settings.curve_every
+        if not every:
+            return None
+
+        def hook(rnd: int, state) -> None:
+            if rnd % every and rnd != run.num_rounds:
+                return
+            model = _student(run, state, self.device)
+            curve[str(rnd)] = {p: dice_only(model, t, run, self.device)
+                               for p, t in self.curve_tests.items()}
+        return hook
 
 
-def method_summary(results: Sequence[Mapping], method: str, region: str, metric: str,
-                   higher_is_better: bool, section: str = "scores") -> dict:
-    """Per population, mean, worst and gap (best - worst) of one method, as lists over seeds."""
-    per_pop = {p: [r[section][method][p][region][metric] for r in results] for p in POPULATIONS}
-    mean, worst, gap, worst_pop = [], [], [], []
-    for i in range(len(results)):
-        values = {p: per_pop[p][i] for p in POPULATIONS}
-        finite = {p: v for p, v in values.items() if math.isfinite(v)}
-        mean.append(sum(finite.values()) / len(finite) if finite else math.nan)
-        pick = min if higher_is_better else max
-        wp = pick(finite, key=finite.get) if finite else "-"
-        worst.append(finite.get(wp, math.nan))
-        gap.append(max(finite.values()) - min(finite.values()) if finite else math.nan)
-        worst_pop.append(wp)
-    return {"populations": per_pop, "mean": mean, "worst": worst, "gap": gap,
-            "worst_population": worst_pop}
+Part = dict[str, Any]
 
 
-def _worst_label(pops: Sequence[str]) -> str:
-    name, n = Counter(pops).most_common(1)[0]
-    return f"{name}" if n == len(pops) else f"{name} {n}/{len(pops)}"
+def _teacher_parts(ctx: SeedRun) -> dict[str, Part]:
+    t0 = time.perf_counter()
+    teachers = ctx.teachers()
+    train_s = time.perf_counter() - t0
+    scores, cross = {}, {}
+    for tp, teacher in teachers.items():
+        scores[tp] = ctx.evaluate(teacher, tp)
+        cross[tp] = {ep: dice_only(teacher, ctx.tests[ep], ctx.run, ctx.device) if ep != tp
+                     else scores[tp] for ep in POPULATIONS}
+    run = ctx.run
+    return {"teacher": {"scores": scores, "cross": cross, "train_seconds": train_s,
+                        "schedule": f"{run.teacher_epochs} epochs x "
+                                    f"{run.teacher_steps_per_epoch} steps ({run.teacher_model})"}}
 
 
-def method_table(results: Sequence[Mapping], region: str, metric: str,
-                 higher_is_better: bool, digits: int) -> str:
-    header = ["method", *POPULATIONS, "mean", "worst", "worst pop.", "gap best-worst"]
-    rows = []
-    for method, label in METHODS.items():
-        s = method_summary(results, method, region, metric, higher_is_better)
-        rows.append([label, *(_cell(s["populations"][p], digits) for p in POPULATIONS),
-                     _cell(s["mean"], digits), _cell(s["worst"], digits),
-                     _worst_label(s["worst_population"]), _cell(s["gap"], digits)])
-    return md_table(header, rows, ["l"] + ["r"] * (len(header) - 1))
+def _ensemble_parts(ctx: SeedRun) -> dict[str, Part]:
+    model = _ensemble(list(ctx.teachers().values())).to(ctx.device)
+    return {"ensemble": {"scores": ctx.evaluate_all(model), "schedule": "the 5 teachers"}}
 
 
-def lesion_table(results: Sequence[Mapping], population: str = "MET") -> str:
-    header = ["method", *(f"{r} lesion Dice" for r in REGIONS),
-              *(f"{r} lesion HD95" for r in REGIONS)]
-    rows = []
-    for method, label in METHODS.items():
-        cells = [label]
-        for metric, digits in (("lesion_dice", 3), ("lesion_hd95", 1)):
-            for region in REGIONS:
-                cells.append(_cell([r["scores"][method][population][region][metric]
-                                    for r in results], digits))
-        rows.append(cells)
-    return md_table(header, rows, ["l"] + ["r"] * (len(header) - 1))
-
-
-def cross_table(results: Sequence[Mapping]) -> str:
-    header = ["teacher trained on \\ tested on", *POPULATIONS, "mean (others)"]
-    rows = []
-    for tp in POPULATIONS:
-        cells = [tp]
-        others = []
-        for ep in POPULATIONS:
-            per_region = []
-            for region in REGIONS:
-                values = [r["cross"][tp][ep][region]["dice"] for r in results]
-                per_region.append(mean_sd(values)[0])
-            text = " / ".join(f"{v:.2f}" for v in per_region)
-            cells.append(f"**{text}**" if ep == tp else text)
-            if ep != tp:
-                others.append(per_region)
-        cells.append(" / ".join(f"{sum(o[i] for o in others) / len(others):.2f}"
-                                for i in range(len(REGIONS))))
-        rows.append(cells)
-    return md_table(header, rows, ["l"] + ["c"] * (len(header) - 1))
-
-
-def subset_table(results: Sequence[Mapping]) -> str:
-    header = ["contrasts", *POPULATIONS, "mean"]
-    rows = []
-    for subset in SUBSETS:
-        name = "+".join(subset)
-        cells = [name]
-        means = []
-        for pop in POPULATIONS:
-            per_region = [mean_sd([r["subsets"][name][pop][region]["dice"] for r in results])[0]
-                          for region in REGIONS]
-            means.append(per_region)
-            cells.append(" / ".join(f"{v:.2f}" for v in per_region))
-        cells.append(" / ".join(f"{sum(m[i] for m in means) / len(means):.2f}"
-                                for i in range(len(REGIONS))))
-        rows.append(cells)
-    return md_table(header, rows, ["l"] + ["c"] * (len(header) - 1))
-
-
-def subset_means(results: Sequence[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
-    """subset -> population (and "mean") -> region -> Dice averaged over seeds."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for subset in SUBSETS:
-        name = "+".join(subset)
-        out[name] = {p: {reg: mean_sd([r["subsets"][name][p][reg]["dice"] for r in results])[0]
-                         for reg in REGIONS} for p in POPULATIONS}
-        out[name]["mean"] = {reg: sum(out[name][p][reg] for p in POPULATIONS) / len(POPULATIONS)
-                             for reg in REGIONS}
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Charts
-# --------------------------------------------------------------------------------------------
-
-
-def _heatmaps(plt, matrices: Sequence[tuple[str, list[list[float]]]], rows: Sequence[str],
-              cols: Sequence[str], title: str, path: Path, height: float) -> Path:
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices) + 2.5, height),
-                             sharey=True)
-    for i, (ax, (name, matrix)) in enumerate(zip(np.atleast_1d(axes), matrices)):
-        arr = np.array(matrix, dtype=float)
-        im = ax.imshow(arr, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-        ax.set_yticks(range(len(rows)), rows)
-        if i:  # the y axis is shared: hide, not replace, the labels of the other panels
-            ax.tick_params(labelleft=False)
-        ax.set_title(name)
-        for (y, x), v in np.ndenumerate(arr):
-            if math.isfinite(v):
-                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.55 else "black")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="Dice")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_methods(results: Sequence[Mapping], path: Path) -> Path:
-    plt = pyplot()
-    cols = [*POPULATIONS, "mean", "worst"]
-    matrices = []
-    for region in REGIONS:
-        matrix = []
-        for method in METHODS:
-            s = method_summary(results, method, region, "dice", True)
-            matrix.append([mean_sd(s["populations"][p])[0] for p in POPULATIONS]
-                          + [mean_sd(s["mean"])[0], mean_sd(s["worst"])[0]])
-        matrices.append((f"{region} Dice", matrix))
-    return _heatmaps(plt, matrices, list(METHODS.values()), cols,
-                     f"Dice on held-out phantom test cases (mean of {len(results)} seeds)", path,
-                     height=0.42 * len(METHODS) + 1.8)
-
-
-def plot_subsets(results: Sequence[Mapping], path: Path) -> Path:
-    plt = pyplot()
-    means = subset_means(results)
-    cols = [*POPULATIONS, "mean"]
-    matrices = [(f"{region} Dice", [[means["+".join(s)][c][region] for c in cols]
-                                    for s in SUBSETS]) for region in REGIONS]
-    return _heatmaps(plt, matrices, ["+".join(s) for s in SUBSETS], cols,
-                     "fedbrats student with only these contrasts (others zero-filled)", path,
-                     height=0.32 * len(SUBSETS) + 1.8)
-
-
-def plot_cross(results: Sequence[Mapping], path: Path) -> Path:
-    plt = pyplot()
-    matrices = [(f"{region} Dice", [[mean_sd([r["cross"][tp][ep][region]["dice"]
-                                              for r in results])[0] for ep in POPULATIONS]
-                                    for tp in POPULATIONS]) for region in REGIONS]
-    return _heatmaps(plt, matrices, [f"teacher {p}" for p in POPULATIONS],
-                     [f"test {p}" for p in POPULATIONS],
-                     "Local teachers on every population's test cases", path, height=3.6)
-
-
-# --------------------------------------------------------------------------------------------
-# The run and its report
-# --------------------------------------------------------------------------------------------
-
-
-def headline(results: Sequence[Mapping]) -> dict[str, Any]:
-    """Mean over populations (and worst population) of WT/TC/ET Dice per method, seed means."""
-    out: dict[str, Any] = {}
-    for method in METHODS:
-        out[method] = {}
-        for region in REGIONS:
-            s = method_summary(results, method, region, "dice", True)
-            out[method][region] = {"mean": mean_sd(s["mean"])[0],
-                                   "worst": mean_sd(s["worst"])[0],
-                                   "gap": mean_sd(s["gap"])[0]}
-    return out
-
-
-def _budget_table(settings: QualitySettings, counts: Mapping[str, int]) -> str:
-    from fedbrats.common.networks.models import TappedModel, count_parameters, resolve_spec
-
-    steps = settings.steps_per_site
-    voxels = settings.batch_size * settings.patch_size ** 3
-    n_sites = len(POPULATIONS)
-
-    def params(name: str) -> str:
-        return f"{count_parameters(TappedModel.from_spec(resolve_spec(name)).net) / 1e6:.2f} M"
-
-    t, s = settings.teacher_model, settings.student_model
-    rows = [
-        ["local teachers", f"{t} ({params(t)})", f"{steps}", f"{steps * n_sites}",
-         f"{settings.teacher_epochs} epochs x {steps // settings.teacher_epochs} steps"],
-        ["ensemble", f"5 x {t}", "0 (the teachers)", "0", "no training of its own"],
-        ["FedAvg (with and without dropout), FedProx", f"{s} ({params(s)})", f"{steps}",
-         f"{steps * n_sites}",
-         f"{settings.num_rounds} rounds x {settings.local_steps} local steps"],
-        ["FedAvg + fine-tuning", s, f"{steps}", f"{steps * n_sites}",
-         f"{settings.num_rounds - 1} FedAvg rounds, then {settings.local_steps} local steps"],
-        ["centralised (with and without dropout)", s, "-", f"{steps * n_sites}",
-         f"{steps} steps x 5 populations in turn"],
-        ["student and ablations", s, f"{steps}", f"{steps * n_sites}",
-         f"{settings.num_rounds} rounds x {settings.local_steps} steps, plus the teachers' "
-         "forward pass each step"],
-    ]
-    table = md_table(["method", "network", "optimizer steps per site", "steps in all", "schedule"],
-                     rows, ["l", "l", "r", "r", "l"])
-    return table + (f"\n\nEvery step is one batch of {settings.batch_size} crops of "
-                    f"{settings.patch_size}^3 voxels ({voxels:,} voxels).")
-
-
-def write_report(settings: QualitySettings, results: Sequence[Mapping], out_dir: Path,
-                 command: str, seconds: float, machine: Mapping[str, Any],
-                 prefix: str = "quality") -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out_dir / f"{prefix}.json",
-        "markdown": out_dir / f"{prefix}.md",
-        "methods_png": out_dir / f"{prefix}.png",
-        "subsets_png": out_dir / f"{prefix}-subsets.png",
-        "teachers_png": out_dir / f"{prefix}-teachers.png",
+def _fedavg_parts(ctx: SeedRun) -> dict[str, Part]:
+    run, curve = ctx.run, {}
+    state, last = federated(ctx.sites, run, lambda s, st, r: supervised_round(s, run, st, r),
+                            {p: 1.0 for p in POPULATIONS}, ctx.curve_hook(run, curve))
+    schedule = f"{run.num_rounds} rounds x {run.local_steps} steps ({run.student_model})"
+    return {
+        "fedavg": {"scores": ctx.evaluate_all(_student(run, state, ctx.device)),
+                   "curve": curve, "schedule": schedule},
+        # the last round's local updates are the fine-tuned models: FedAvg for rounds 1..R-1,
+        # then local_steps more steps at each site, not averaged
+        "fedavg_ft": {"scores": {p: ctx.evaluate(_student(run, last[p], ctx.device), p)
+                                 for p in POPULATIONS},
+                      "schedule": f"{run.num_rounds - 1} FedAvg rounds, then "
+                                  f"{run.local_steps} local steps"},
     }
-    counts = settings.train_counts()
-    head = headline(results)
-    paths["json"].write_text(json.dumps({
-        "command": command, "seconds": seconds, "machine": dict(machine),
-        "settings": dataclasses.asdict(settings), "train_counts": counts,
-        "headline": head, "seeds": list(results),
-    }, indent=1, default=float))
-    plot_methods(results, paths["methods_png"])
-    plot_subsets(results, paths["subsets_png"])
-    plot_cross(results, paths["teachers_png"])
-
-    n_seeds = len(results)
-    train_cases = results[0]["train_cases"]
-    secs: dict[str, list[float]] = {}
-    for r in results:
-        for k, v in r["seconds"].items():
-            secs.setdefault(k, []).append(v)
-    lines = [
-        "# Quality benchmark: fedbrats against federated and centralised baselines",
-        "",
-        *machine_markdown(machine, command, seconds),
-        "",
-        "## Setup",
-        "",
-        f"- **Data**: phantoms from `simulation/phantoms.py` at {settings.shape}^3 "
-        f"(seed {settings.data_seed}); training side per population "
-        f"{', '.join(f'{p} {n}' for p, n in counts.items())} cases (BraTS 2023-like imbalance), "
-        f"of which a validation share of {settings.val_fraction:g} (at least 1) is held back "
-        "for the teachers' end-of-training check; training cases per seed "
-        f"{', '.join(f'{p} {n}' for p, n in train_cases.items())} (seed 0).",
-        f"- **Test**: {settings.test_cases} held-out cases per population, generated with "
-        f"another phantom seed ({settings.test_seed}): other brains, other tumours; no training "
-        "or validation step sees them. Scores are the mean over a population's test cases "
-        "(`evaluate_model`: MONAI sliding-window inference, the probabilities brought back to "
-        "the case's own grid, then `fedbrats.common.metrics.brats.evaluate_case` against its "
-        "label file).",
-        f"- **Grid and networks**: {settings.spacing:g} mm, crops {settings.patch_size}^3, "
-        f"batch {settings.batch_size}; teachers `{settings.teacher_model}`, students "
-        f"`{settings.student_model}`; otherwise the cpu-demo run settings (student-lr 3e-3 "
-        "with cosine decay over the rounds, modality dropout 0.25 for every student but the "
-        "two *no modality dropout* rows, "
-        "logit weight 1, feature weight 0.1, temperature 2, FedProx mu 0.01).",
-        f"- **Seeds**: {', '.join(str(r['seed']) for r in results)} (network initialisation, "
-        f"batches, augmentation, modality dropout, train/validation split); each cell is the "
-        f"mean +/- sd over the {n_seeds} seeds.",
-        "- **In-process federation**: the federated methods run in one process with plain "
-        "functions, not through Flower: each round calls every site's local training "
-        "(`fedbrats.client.distill.distill_round`, or `supervised_round` for the labels-only "
-        "baselines) "
-        "and the server's aggregation is the (equal- or case-weighted) mean of the returned "
-        "state dicts, which is what Flower's FedAvg/FedProx compute. The Flower path itself "
-        "is tested in `tests/simulation/test_simulation_e2e.py`.",
-        "",
-        "### Compute budget",
-        "",
-        _budget_table(settings, counts),
-        "",
-        "Wall time per seed (s, mean over seeds): "
-        + ", ".join(f"{METHODS.get(k, k)} {mean_sd(v)[0]:.0f}" for k, v in secs.items()) + ".",
-        "",
-        "## Population x method",
-        "",
-        "Each cell: mean +/- sd over seeds of the population's mean over its test cases. "
-        "*worst*: the lowest population (highest for HD95) per seed, averaged; *worst pop.*: "
-        "the population that was worst (with how many seeds when they disagree); *gap*: best "
-        "minus worst population. FedAvg + fine-tuning is scored with each site's own model.",
-        "",
-    ]
-    for metric, title, higher in TABLE_METRICS:
-        for region in REGIONS:
-            lines += [f"### {region} {title}", "",
-                      method_table(results, region, metric, higher, 3 if higher else 1), ""]
-    lines += [
-        "### MET lesion-wise (BraTS 2023: dilation 1, lesions over 2 mm^3)", "",
-        lesion_table(results, "MET"), "",
-        f"![Dice per method and population]({paths['methods_png'].name})", "",
-        "## Local teachers on every population", "",
-        "WT / TC / ET Dice (mean over seeds); the diagonal (bold) is the teacher's own "
-        "population; the last column is the mean over the other four.", "",
-        cross_table(results), "",
-        f"![Teachers across populations]({paths['teachers_png'].name})", "",
-        "## The student with missing contrasts", "",
-        "WT / TC / ET Dice of the fedbrats student on the test cases when only these contrasts "
-        "are given (the others zero-filled after normalisation, as a missing contrast is at "
-        "inference), mean over seeds.", "",
-        subset_table(results), "",
-        f"![Student Dice per contrast subset]({paths['subsets_png'].name})", "",
-        "Raw per-seed numbers: " + f"[`{paths['json'].name}`]({paths['json'].name}).", "",
-    ]
-    paths["markdown"].write_text("\n".join(lines))
-    return paths
 
 
-def run_quality(settings: QualitySettings, out_dir: Path, work: Path, command: str,
-                prefix: str = "quality", threads: int = 1) -> dict[str, Path]:
-    """Generate the data, run every method for every seed (``threads`` torch threads), write
-    the report files."""
-    with torch_threads(threads):
-        return _run_quality(settings, out_dir, work, command, prefix)
+def compute_matched_rounds(run: RunConfig) -> int:
+    """FedAvg's rounds when it also gets the teachers' optimizer steps (rounded up)."""
+    teacher_steps = run.teacher_epochs * run.teacher_steps_per_epoch
+    return run.num_rounds + -(-teacher_steps // run.local_steps)
 
 
-def _run_quality(settings: QualitySettings, out_dir: Path, work: Path, command: str,
-                 prefix: str) -> dict[str, Path]:
+def _labels_only_part(ctx: SeedRun, run: RunConfig, proximal_mu: float = 0.0) -> Part:
+    curve: dict = {}
+    state, _ = federated(ctx.sites, run,
+                         lambda s, st, r: supervised_round(s, run, st, r, proximal_mu),
+                         {p: 1.0 for p in POPULATIONS}, ctx.curve_hook(run, curve))
+    return {"scores": ctx.evaluate_all(_student(run, state, ctx.device)), "curve": curve,
+            "schedule": f"{run.num_rounds} rounds x {run.local_steps} steps"}
+
+
+def _fedavg_cm_parts(ctx: SeedRun) -> dict[str, Part]:
+    run = dataclasses.replace(ctx.run, num_rounds=compute_matched_rounds(ctx.run))
+    return {"fedavg_cm": _labels_only_part(ctx, run)}
+
+
+def _fedprox_parts(ctx: SeedRun) -> dict[str, Part]:
+    return {"fedprox": _labels_only_part(ctx, ctx.run, ctx.run.proximal_mu)}
+
+
+def _fedavg_nodrop_parts(ctx: SeedRun) -> dict[str, Part]:
+    return {"fedavg_nodrop": _labels_only_part(
+        ctx, dataclasses.replace(ctx.run, modality_dropout=False))}
+
+
+def _centralised_part(ctx: SeedRun, run: RunConfig) -> Part:
+    model = _student(run, centralised(ctx.sites, run), ctx.device)
+    return {"scores": ctx.evaluate_all(model),
+            "schedule": f"{run.num_rounds * run.local_steps} steps x 5 populations in turn"}
+
+
+def _centralised_parts(ctx: SeedRun) -> dict[str, Part]:
+    return {"centralised": _centralised_part(ctx, ctx.run)}
+
+
+def _centralised_nodrop_parts(ctx: SeedRun) -> dict[str, Part]:
+    return {"centralised_nodrop": _centralised_part(
+        ctx, dataclasses.replace(ctx.run, modality_dropout=False))}
+
+
+def distillation_part(ctx: SeedRun, method: str, changes: Mapping[str, Any]) -> Part:
+    """The fedbrats student with ``changes`` to the preset's settings: phase 2 in process."""
+    from fedbrats.client.data import load_site_data
+    from fedbrats.client.distill import distill_round
+
+    if callable(changes):
+        changes = changes(ctx.run)
+    run = dataclasses.replace(ctx.run, **changes)
+    sites = _with_teacher(ctx.teachers_for(run), ctx.folder / method)
+    if run.aggregation == "cases":
+        weights = {p: float(len(load_site_data(s, run).train_cases)) for p, s in sites.items()}
+    else:
+        weights = {p: 1.0 for p in POPULATIONS}
+    curve: dict = {}
+    init = ctx.warm_state(run) if run.student_init == "warm" else None
+    state, _ = federated(sites, run, lambda s, st, r: distill_round(s, run, st, r)[0], weights,
+                         ctx.curve_hook(run, curve), init=init)
+    model = _student(run, state, ctx.device)
+    part = {"scores": ctx.evaluate_all(model), "curve": curve, "changes": dict(changes),
+            "schedule": f"{run.num_rounds} rounds x {run.local_steps} steps, with the "
+                        "teachers' forward pass"}
+    if method == "student":
+        part["subsets"] = {}
+        for subset in SUBSETS:
+            drop = tuple(c for c in CONTRASTS if c not in subset)
+            part["subsets"]["+".join(subset)] = (
+                {p: {r: {"dice": v["dice"]} for r, v in part["scores"][p].items()}
+                 for p in POPULATIONS} if not drop else
+                {p: dice_only(model, ctx.tests[p], run, ctx.device, drop) for p in POPULATIONS})
+    shutil.rmtree(ctx.folder / method, ignore_errors=True)
+    return part
+
+
+def _own_teacher_parts(ctx: SeedRun, variant: str) -> dict[str, Part]:
+    """The teachers of distillation ``variant`` (which trains its own) and their ensemble,
+    scored as phase 1's are: parts ``<prefix>_teacher`` and ``<prefix>_ensemble``."""
+    from fedbrats.client.teacher import load_teacher
+
+    prefix = variant.removesuffix("_student")
+    run = dataclasses.replace(ctx.run, **DISTILLATION_VARIANTS[variant](ctx.run))
+    t0 = time.perf_counter()
+    sites = ctx.teachers_for(run)
+    train_s = time.perf_counter() - t0
+    teachers = {p: load_teacher(s, run, ctx.device) for p, s in sites.items()}
+    ensemble = _ensemble(list(teachers.values())).to(ctx.device)
+    steps = run.teacher_steps_per_epoch
+    schedule = (f"{run.teacher_warm_rounds} warm-start rounds x {run.local_steps} steps, then "
+                f"{run.teacher_epochs} epochs x {steps} steps ({run.teacher_model})")
+    return {f"{prefix}_teacher": {"scores": {p: ctx.evaluate(t, p) for p, t in teachers.items()},
+                                  "train_seconds": train_s, "schedule": schedule},
+            f"{prefix}_ensemble": {"scores": ctx.evaluate_all(ensemble), "schedule": schedule}}
+
+
+PRODUCERS: dict[str, Callable[[SeedRun], dict[str, Part]]] = {
+    "warm_teacher": lambda ctx: _own_teacher_parts(ctx, "warm_student"),
+    "warm_ensemble": lambda ctx: _own_teacher_parts(ctx, "warm_student"),
+    "fedkd_teacher": lambda ctx: _own_teacher_parts(ctx, "fedkd"),
+    "fedkd_ensemble": lambda ctx: _own_teacher_parts(ctx, "fedkd"),
+    "teacher": _teacher_parts,
+    "ensemble": _ensemble_parts,
+    "fedavg": _fedavg_parts,
+    "fedavg_ft": _fedavg_parts,
+    "fedavg_cm": _fedavg_cm_parts,
+    "fedprox": _fedprox_parts,
+    "fedavg_nodrop": _fedavg_nodrop_parts,
+    "centralised": _centralised_parts,
+    "centralised_nodrop": _centralised_nodrop_parts,
+}
+"""The function that makes each labels-only or teacher method's part (fedavg also makes
+fedavg_ft); the distillation methods go through :func:`distillation_part`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parts on disk
+# --------------------------------------------------------------------------------------------
+
+
+class PartStore:
+    """One JSON file per (fraction, seed, method) under ``root``: what a run has finished."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, fraction: float, seed: int, method: str) -> Path:
+        return self.root / f"f{fraction:g}" / f"seed-{seed}" / f"{method}.json"
+
+    def get(self, settings: QualitySettings, seed: int, method: str) -> Part | None:
+        """The stored part, or None if absent or made with other settings."""
+        path = self.path(settings.fraction, seed, method)
+        if not path.exists():
+            return None
+        part = json.loads(path.read_text())
+        if part.get("key") != settings.key(seed):
+            log.warning("%s was made with other settings; it is run again", path)
+            return None
+        return part
+
+    def put(self, settings: QualitySettings, seed: int, method: str, part: Part) -> None:
+        path = self.path(settings.fraction, seed, method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        full = {"method": method, "seed": seed, "fraction": settings.fraction,
+                "preset": settings.preset, "key": settings.key(seed), **part}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(full, indent=1, default=float))
+        tmp.replace(path)
+
+    def all(self) -> list[Part]:
+        """Every stored part, whatever its settings (the report groups them)."""
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("f*/seed-*/*.json"))]
+
+
+def run_methods(settings: QualitySettings, methods: Sequence[str], store: PartStore,
+                work: Path) -> None:
+    """Make every missing part of ``methods`` x ``settings.seeds``."""
     from fedbrats.client.data import clear_site_data_cache
 
-    start = time.perf_counter()
-    machine = machine_info()
     work.mkdir(parents=True, exist_ok=True)
     train_root, test_root = prepare_data(settings, work)
-    tests = load_test_sets(test_root, settings.run(settings.seeds[0]))
-    results = []
+    run0 = settings.run(settings.seeds[0])
+    tests = load_test_sets(test_root, run0)
+    curve_tests = load_test_sets(test_root, run0, limit=CURVE_CASES)
     for seed in settings.seeds:
-        t0 = time.perf_counter()
-        results.append(run_seed(settings, seed, train_root, tests, work))
+        ctx = SeedRun(settings, seed, train_root, tests, curve_tests, work)
+        for method in methods:
+            if store.get(settings, seed, method) is not None:
+                log.info("f%g seed %d: %s already done", settings.fraction, seed, method)
+                continue
+            log.info("f%g seed %d: %s", settings.fraction, seed, METHODS[method])
+            t0 = time.perf_counter()
+            if method in DISTILLATION_VARIANTS:
+                parts = {method: distillation_part(ctx, method, DISTILLATION_VARIANTS[method])}
+            else:
+                parts = PRODUCERS[method](ctx)
+            seconds = time.perf_counter() - t0
+            for name, part in parts.items():
+                if name == method or store.get(settings, seed, name) is None:
+                    store.put(settings, seed, name, {**part, "seconds": seconds})
+            log.info("f%g seed %d: %s done in %.0f s", settings.fraction, seed, method, seconds)
         clear_site_data_cache()  # the next seed splits the cases differently
-        log.info("seed %d done in %.0f s", seed, time.perf_counter() - t0)
+
+
+def run_quality(settings: QualitySettings, methods: Sequence[str], out_dir: Path, work: Path,
+                command: str, prefix: str = "quality", threads: int = 1,
+                report_only: bool = False) -> dict[str, Path]:
+    """Make the missing parts (``threads`` torch threads), then write the report of all parts."""
+    from fedbrats.simulation.bench.quality_report import write_report
+
+    store = PartStore(out_dir / f"{prefix}-parts")
+    start = time.perf_counter()
+    machine = machine_info()
+    if not report_only:
+        with torch_threads(threads):
+            run_methods(settings, methods, store, work)
     machine = {**machine, "load_average_end": machine_info()["load_average"]}
-    return write_report(settings, results, out_dir, command, time.perf_counter() - start,
-                        machine, prefix)
+    return write_report(store.all(), out_dir, command, time.perf_counter() - start, machine,
+                        prefix, settings)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _method_list(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(METHODS)
+    if text.strip() == "deciding":
+        return list(DECIDING)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"methods: unknown {', '.join(unknown) or '(none given)'}; expected 'all', "
+            f"'deciding' or a comma-separated list of {', '.join(METHODS)}")
+    return [m for m in METHODS if m in names]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fraction: expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"fraction: expected 0 < F <= 1, got {value}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
     if args.seeds:
-        settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
+        changes["seeds"] = tuple(args.seeds)
+    if args.fraction is not None:
+        changes["fraction"] = args.fraction
+    if args.preset:
+        changes["preset"] = args.preset
+    settings = dataclasses.replace(settings, **changes)
+    methods = args.methods or list(METHODS)
     if not args.verbose_sites:
         logging.getLogger("fedbrats.client").setLevel(logging.WARNING)
     out, work = resolve_dirs(args, "quality")
-    command = command_line("quality", args, {"seeds": ",".join(map(str, args.seeds or ()))})
-    paths = run_quality(settings, out, work, command, threads=args.threads)
-    head = json.loads(paths["json"].read_text())
-    secs = head["seconds"]
-    print(f"quality benchmark: {len(settings.seeds)} seeds in {secs / 60:.1f} min")
-    for method, label in METHODS.items():
-        h = head["headline"][method]
-        print(f"  {label:34s} mean Dice WT {h['WT']['mean']:.3f} TC {h['TC']['mean']:.3f} "
-              f"ET {h['ET']['mean']:.3f}; worst WT {h['WT']['worst']:.3f}")
+    command = command_line("quality", args, {
+        "preset": args.preset, "fraction": args.fraction,
+        "seeds": ",".join(map(str, args.seeds or ())),
+        "methods": ",".join(args.methods) if args.methods else None,
+        "report-only": args.report_only})
+    paths = run_quality(settings, methods, out, work, command, threads=args.threads,
+                        report_only=args.report_only)
+    data = json.loads(paths["json"].read_text())
+    for group in data["groups"]:
+        print(f"{group['title']}:")
+        for method, h in group["headline"].items():
+            print(f"  {METHODS[method]:34s} mean Dice WT {h['WT']['mean']:.3f} "
+                  f"TC {h['TC']['mean']:.3f} ET {h['ET']['mean']:.3f}; worst WT "
+                  f"{h['WT']['worst']:.3f} ({h['seeds']} seeds)")
     for p in paths.values():
         print(f"  wrote {p}")
     return 0
@@ -890,18 +908,32 @@ def register_quality(subparsers) -> argparse.ArgumentParser:
         "quality",
         help="every method on phantom populations, scored on held-out test cases",
         description=(
-            "Train local teachers, their ensemble, FedAvg and FedProx on labels, FedAvg with "
-            "local fine-tuning, a centralised model, the fedbrats distillation student and its "
-            "ablations on five phantom populations, for several seeds and the same optimizer "
-            "budget, and score each on held-out phantom test cases (Dice, HD95, MET "
-            "lesion-wise; the student also for every subset of contrasts). Writes "
-            "OUT/quality.md, quality.json and PNG charts. The full run takes about 20-25 min "
-            "on two CPU cores; --quick takes seconds."
+            "Train the local teachers (phase 1), their ensemble, FedAvg and FedProx on labels "
+            "(also compute-matched), FedAvg with local fine-tuning, a centralised model, the "
+            "fedbrats student (phase 2) and its ablations on the five phantom populations of "
+            "`make demo`, every one with the settings of --preset, for several seeds, and score "
+            "each on 10 held-out phantom test cases per population (Dice, HD95, sensitivity, "
+            "precision, MET lesion-wise; the student also for every subset of contrasts). "
+            "Each (fraction, seed, method) is kept as a part under OUT/quality-parts and "
+            "skipped when found again, so a long run resumes; OUT/quality.md, quality.json and "
+            "the charts merge every part there. The full schedule takes about 25 min per seed "
+            "for the four deciding methods on one CPU core; --quick takes a minute."
         ),
     )
     add_common_arguments(p, "quality")
+    p.add_argument("--preset", default=None,
+                   help="preset whose settings every method uses (default: cpu-demo; "
+                   "with --quick tiny)")
+    p.add_argument("--fraction", type=_fraction, default=None, metavar="F",
+                   help="share of the preset's schedule: teacher epochs and distillation "
+                   "rounds scaled alike (default 1)")
+    p.add_argument("--methods", type=_method_list, default=None, metavar="M,M,...",
+                   help="methods to run: 'all' (default), 'deciding' "
+                   f"({', '.join(DECIDING)}) or a list of: {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
-                   help="seeds to run (default: 0,1,2; with --quick 0,1)")
+                   help="seeds to run (default: 0,1,2; with --quick 0)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report of the parts already there")
     p.add_argument("--verbose-sites", action="store_true",
                    help="show the sites' own progress messages (teacher epochs)")
     p.set_defaults(func=_run)
@@ -917,7 +949,7 @@ def register_bench(subparsers) -> argparse.ArgumentParser:
             "Benchmarks whose results are committed in docs/bench: `fedbrats bench quality` "
             "(every method on phantom populations, held-out test cases) and `fedbrats bench "
             "perf` (cost ratios: distillation, simulation, bytes, inference, memory, "
-            "throughput, and a profile). --quick runs tiny versions in seconds."
+            "throughput, and a profile). --quick runs tiny versions quickly."
         ),
     )
     sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -927,11 +959,14 @@ def register_bench(subparsers) -> argparse.ArgumentParser:
 
 
 __all__ = [
+    "DECIDING",
     "FULL",
     "METHODS",
     "QUICK",
     "SUBSETS",
+    "PartStore",
     "QualitySettings",
+    "compute_matched_rounds",
     "register_bench",
     "run_quality",
     "supervised_round",

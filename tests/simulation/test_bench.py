@@ -2,6 +2,7 @@
 files exist, with the right rows and columns and finite numbers (timings themselves are not
 checked). Plus the pieces that need no training: the aggregation mean, the summary tables."""
 
+import dataclasses
 import json
 import math
 import re
@@ -13,13 +14,16 @@ from fedbrats.common.cli import main
 from fedbrats.common.data.contract import POPULATIONS, REGIONS
 from fedbrats.simulation.bench.perf import fmt_mean_sd, md_table, mean_sd
 from fedbrats.simulation.bench.quality import (
+    DISTILLATION_VARIANTS,
+    FULL,
     METHODS,
     QUICK,
     SUBSETS,
-    method_summary,
-    method_table,
+    PartStore,
+    compute_matched_rounds,
     weighted_mean,
 )
+from fedbrats.simulation.bench.quality_report import Group, method_table, targets
 
 
 def _finite(x) -> bool:
@@ -47,64 +51,105 @@ def _table_rows(markdown: str, heading: str) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def quality(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-quality")
-    rc = main(["bench", "quality", "--quick", "--out", str(root / "out"), "--work",
-               str(root / "work")])
-    assert rc == 0
+    args = ["bench", "quality", "--quick", "--out", str(root / "out"), "--work",
+            str(root / "work")]
+    assert main(args) == 0
+    parts = sorted((root / "out" / "quality-parts").rglob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    assert main(args) == 0  # again: every part is found, nothing runs
+    assert {p: p.stat().st_mtime_ns for p in parts} == stamps
     return root / "out"
 
 
-def test_quality_writes_report_json_and_charts(quality):
-    for name in ("quality.md", "quality.json", "quality.png", "quality-subsets.png",
-                 "quality-teachers.png"):
+def _parts(quality) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text())
+            for p in (quality / "quality-parts" / "f1" / "seed-0").glob("*.json")}
+
+
+def test_quality_writes_report_json_charts_and_one_part_per_method(quality):
+    for name in ("quality.md", "quality.json", "quality.png", "quality-curves.png"):
         assert (quality / name).stat().st_size > 500, name
     assert (quality / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(_parts(quality)) == set(METHODS)
 
 
-def test_quality_json_has_every_method_population_region_and_subset(quality):
+def test_quality_parts_have_every_population_region_and_the_settings(quality):
+    parts = _parts(quality)
+    keys = {p["key"] for p in parts.values()}
+    assert len(keys) == 1 and keys == {QUICK.key(0)}
+    for method, part in parts.items():
+        assert part["preset"] == "tiny" and part["fraction"] == 1 and part["seed"] == 0
+        assert set(part["scores"]) == set(POPULATIONS), method
+        for pop, regions in part["scores"].items():
+            assert set(regions) == set(REGIONS)
+            for region, m in regions.items():
+                assert 0.0 <= m["dice"] <= 1.0 and _finite(m["hd95"]), (method, pop, region)
+                v = m["volume_ratio"]  # nan where the case has none of the region
+                assert _finite(m["lesion_dice"]) and (math.isnan(v) or v >= 0)
+    assert set(parts["teacher"]["cross"]) == set(POPULATIONS)
+    assert set(parts["student"]["subsets"]) == {"+".join(s) for s in SUBSETS}
+    run = QUICK.run(0)
+    for method in ("fedavg", "student", "fedavg_cm"):  # a point every round at this size
+        assert len(parts[method]["curve"]) >= run.num_rounds, method
+    assert len(parts["fedavg_cm"]["curve"]) == compute_matched_rounds(run)
+    assert parts["warm_student"]["changes"]["teacher_warm_rounds"] >= 1
+    assert parts["no_feature_kd"]["changes"] == {"feature_weight": 0.0}
+
+
+def test_quality_json_has_the_headline_and_the_targets(quality):
     data = json.loads((quality / "quality.json").read_text())
     assert data["command"] == f"fedbrats bench quality --quick --out {quality} --work " \
         f"{quality.parent / 'work'}"
     assert {"cpu", "cores", "ram_gib", "torch", "flwr", "gpu", "date"} <= set(data["machine"])
-    assert len(data["seeds"]) == len(QUICK.seeds)
-    for seed in data["seeds"]:
-        assert set(seed["scores"]) == set(METHODS)
-        for method, per_pop in seed["scores"].items():
-            assert set(per_pop) == set(POPULATIONS), method
-            for pop, regions in per_pop.items():
-                assert set(regions) == set(REGIONS)
-                for region, m in regions.items():
-                    assert 0.0 <= m["dice"] <= 1.0 and _finite(m["hd95"]), (method, pop, region)
-                    assert _finite(m["lesion_dice"]) and _finite(m["lesion_hd95"])
-        assert set(seed["cross"]) == set(POPULATIONS)
-        assert all(set(row) == set(POPULATIONS) for row in seed["cross"].values())
-        assert len(seed["subsets"]) == 15 and set(seed["subsets"]) == {"+".join(s)
-                                                                        for s in SUBSETS}
-        for per_pop in seed["subsets"].values():
-            for regions in per_pop.values():
-                assert all(0.0 <= regions[r]["dice"] <= 1.0 for r in REGIONS)
-    assert set(data["headline"]) == set(METHODS)
+    (group,) = data["groups"]
+    assert set(group["headline"]) == set(METHODS)
+    assert set(group["targets"]) == set(DISTILLATION_VARIANTS)
+    for rows in group["targets"].values():
+        assert len(rows) == 4 and all(isinstance(ok, bool) for _, _, ok in rows)
 
 
 def test_quality_markdown_tables_have_the_right_rows_and_columns(quality):
     md = (quality / "quality.md").read_text()
     assert "`fedbrats bench quality --quick" in md and "GPU: " in md and "torch 2." in md
     for region in REGIONS:
-        for title in ("Dice", "HD95 (mm)"):
-            rows = _table_rows(md, f"### {region} {title}")
-            assert [r[0] for r in rows] == list(METHODS.values())
-            for row in rows:
-                assert len(row) == 1 + len(POPULATIONS) + 4  # mean, worst, worst pop., gap
-                numbers = [row[i] for i in (*range(1, 7), 7, 9)]
-                assert all(re.fullmatch(r"\d+\.\d+( ± \d+\.\d+)?", v) for v in numbers), row
-                assert row[8].split()[0] in POPULATIONS
+        rows = _table_rows(md, f"### {region} Dice")
+        assert [r[0] for r in rows] == list(METHODS.values())
+        for row in rows:
+            assert len(row) == 2 + len(POPULATIONS) + 4  # seeds; mean, worst, worst pop., gap
+            numbers = [row[i] for i in (*range(2, 8), 8, 10)]
+            assert all(re.fullmatch(r"\d+\.\d+( ± \d+\.\d+)?", v) for v in numbers), row
+            assert row[9].split()[0] in POPULATIONS
+    targets_rows = _table_rows(md, "### The issue's targets: fedbrats student")
+    assert len(targets_rows) == 4 and all(r[2] in ("yes", "**no**") for r in targets_rows)
+    paired = _table_rows(md, "### Paired differences")
+    assert {r[0] for r in paired} >= {"fedbrats student - FedAvg, labels only"}
+    assert {r[1] for r in paired} == set(REGIONS)
     lesion = _table_rows(md, "### MET lesion-wise")
     assert len(lesion) == len(METHODS) and all(len(r) == 7 for r in lesion)
-    cross = _table_rows(md, "## Local teachers on every population")
+    cross = _table_rows(md, "### Local teachers on every population")
     assert [r[0] for r in cross] == list(POPULATIONS)
-    subsets = _table_rows(md, "## The student with missing contrasts")
+    subsets = _table_rows(md, "### The student with missing contrasts")
     assert [r[0] for r in subsets] == ["+".join(s) for s in SUBSETS]
-    assert all(re.fullmatch(r"\d\.\d\d / \d\.\d\d / \d\.\d\d", c) for r in subsets for c in r[1:])
-    assert "not through Flower" in md and "held-out" in md
+    assert "held-out" in md and "preset `tiny`" in md
+
+
+def test_a_part_made_with_other_settings_is_not_taken(tmp_path):
+    store = PartStore(tmp_path)
+    store.put(QUICK, 0, "fedavg", {"scores": {}})
+    assert store.get(QUICK, 0, "fedavg") is not None
+    other = dataclasses.replace(QUICK, test_cases=2)
+    assert other.key(0) != QUICK.key(0) and store.get(other, 0, "fedavg") is None
+    assert QUICK.key(0) == QUICK.key(1)  # one key for every seed: the report groups by it
+
+
+def test_preset_schedule_is_scaled_by_the_fraction():
+    full, third = FULL.run(0), dataclasses.replace(FULL, fraction=1 / 3).run(0)
+    assert (full.num_rounds, full.teacher_epochs) == (60, 30)
+    assert (third.num_rounds, third.teacher_epochs) == (20, 10)
+    assert third.local_steps == full.local_steps and third.dropout_prob == full.dropout_prob
+    assert compute_matched_rounds(full) == 60 + 8  # 240 teacher steps = 8 rounds of 30
+    with pytest.raises(ValueError, match="fraction"):
+        dataclasses.replace(FULL, fraction=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,26 +237,44 @@ def test_mean_sd_and_formatting():
         "| a | b |", "|:---|---:|", "| 1 | x\\|y |"]
 
 
-def _fake_results(values_by_seed):
-    """Results of seeds where every method scores ``values[pop]`` as WT Dice."""
-    out = []
-    for values in values_by_seed:
-        scores = {m: {p: {"WT": {"dice": values[p], "hd95": 10 * (1 - values[p])}}
-                      for p in POPULATIONS} for m in METHODS}
-        out.append({"scores": scores})
-    return out
+def _fake_group(values_by_seed, methods=("student", "fedavg")):
+    """A report group where every method scores ``values[pop]`` (+ its offset) on every region."""
+    parts = []
+    for seed, values in enumerate(values_by_seed):
+        for i, m in enumerate(methods):
+            scores = {p: {r: {"dice": values[p] - 0.1 * i, "hd95": 10 * (1 - values[p])}
+                          for r in REGIONS} for p in POPULATIONS}
+            parts.append({"method": m, "seed": seed, "preset": "x", "fraction": 1.0,
+                          "key": "k", "scores": scores})
+    return Group(parts)
 
 
 def test_worst_population_and_gap_over_seeds():
     seeds = [dict(GLI=0.9, SSA=0.5, PED=0.7, MEN=0.8, MET=0.6),
              dict(GLI=0.9, SSA=0.7, PED=0.5, MEN=0.8, MET=0.6)]
-    s = method_summary(_fake_results(seeds), "student", "WT", "dice", True)
+    g = _fake_group(seeds)
+    s = g.summary("student", "WT")
     assert s["worst"] == [0.5, 0.5] and s["worst_population"] == ["SSA", "PED"]
     assert s["gap"] == pytest.approx([0.4, 0.4])
     assert s["mean"] == pytest.approx([0.7, 0.7])
-    hd = method_summary(_fake_results(seeds), "student", "WT", "hd95", False)
+    hd = g.summary("student", "WT", "hd95", False)
     assert hd["worst"] == pytest.approx([5.0, 5.0])  # the highest distance is the worst
-    table = method_table(_fake_results(seeds), "WT", "dice", True, 3)
-    row = table.splitlines()[2].split(" | ")
-    assert row[2] == "0.600 ± 0.141"  # SSA over the two seeds
+    table = method_table(g, "WT")
+    row = next(r for r in table.splitlines() if r.startswith("| fedbrats student")).split(" | ")
+    assert row[3] == "0.600 ± 0.141"  # SSA over the two seeds
     assert "SSA 1/2" in table  # the seeds disagree on the worst population
+    d = g.paired("student", "fedavg")
+    assert d["seeds"] == [0, 1] and d["WT"]["GLI"] == pytest.approx([0.1, 0.1])
+    assert d["TC"]["mean"] == pytest.approx([0.1, 0.1])
+
+
+def test_targets_are_judged_on_the_paired_differences():
+    seeds = [dict(GLI=0.9, SSA=0.5, PED=0.7, MEN=0.8, MET=0.6)] * 2
+    # student best, then FedAvg, teacher and ensemble 0.1 and more below it
+    g = _fake_group(seeds, ("student", "fedavg", "teacher", "ensemble"))
+    rows = targets(g)
+    assert [ok for _, _, ok in rows] == [True, False, True, True]  # the gap is the same
+    assert "15 of 15" in rows[2][1]
+    worse = _fake_group(seeds, ("fedavg", "teacher", "student", "ensemble"))
+    assert [ok for _, _, ok in targets(worse)] == [False, False, False, True]
+    assert targets(_fake_group(seeds)) is None  # no teacher, no ensemble: not judged
