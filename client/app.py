@@ -13,6 +13,7 @@ with differential privacy (``dp_clipping_mod``); each stays out of the way of ot
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from logging import ERROR
 
@@ -169,6 +170,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(wire.SERVER_ROUND, 0)) + int(config.get(wire.ROUND_OFFSET, 0))
     student = msg.content[wire.ARRAYS].to_torch_state_dict()
     mu = float(config.get(wire.PROXIMAL_MU, 0.0))
+    if config.get(wire.BASELINE):  # the labels-only FedAvg baseline: the same round, no teacher
+        run = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
     state, metrics = distill_round(site, run, student, server_round, proximal_mu=mu)
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
     record[WEIGHT_KEY] = _weight(run, site)
@@ -208,6 +211,10 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     })
     for contrast, scores in (result["student_missing"] or {}).items():
         record.update(flatten_scores(scores, f"student_missing.{contrast}"))
+    if wire.BASELINE in msg.content.array_records:  # the FedAvg baseline of the same run
+        baseline = msg.content[wire.BASELINE].to_torch_state_dict()
+        scores = evaluate_site(site, run, baseline, tta=run.final_tta)["student"]
+        record.update(flatten_scores(scores, "baseline"))
     record["num-val"] = int(result["num_val"])
     return Message(RecordDict({wire.METRICS: record}), reply_to=msg)
 

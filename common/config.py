@@ -39,6 +39,7 @@ TEACHER_RECIPE = 2
 
 
 STUDENT_INITS: tuple[str, ...] = ("new", "warm")
+BASELINES: tuple[str, ...] = ("", "fedavg")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,10 @@ class RunConfig:
     local steps each, equal weight per site) before each site trains its teacher from the
     global result; 0: every teacher starts from scratch. The warm-start model travels like the
     student; the teachers trained from it never leave their sites."""
+    baseline: str = ""
+    """``fedavg``: after phase 2, the same rounds again for a labels-only FedAvg model (same
+    schedule, dropout and strategy, no teacher), scored beside the student and the teachers in
+    the final evaluation; ``""``: none (it doubles phase 2's cost)."""
     student_init: str = "new"
     """Where phase 2's student starts: ``new`` (seeded initial weights) or ``warm`` (the
     teachers' warm-start network; needs ``teacher-warm-rounds`` > 0 and the teacher's network
@@ -172,6 +177,9 @@ class RunConfig:
              f"0 (all sites) up to num-sites ({self.num_sites})")
         need(self.teacher_warm_rounds >= 0, "teacher_warm_rounds", "an integer >= 0 (0: off)")
         need(self.student_init in STUDENT_INITS, "student_init", " or ".join(STUDENT_INITS))
+        need(self.baseline in BASELINES, "baseline", '"" (none) or fedavg')
+        need(not (self.baseline and self.secure_aggregation), "baseline",
+             '"" with secure-aggregation (the baseline rounds are aggregated in the clear)')
         if self.student_init == "warm":
             need(self.teacher_warm_rounds > 0, "teacher_warm_rounds",
                  "> 0 with student-init warm (the student starts from the warm start)")

@@ -17,8 +17,8 @@ Both apps import these names from here, so neither imports the other. The protoc
 from __future__ import annotations
 
 __all__ = [
-    "ARRAYS", "CODE_KEY", "CONFIG", "EVALUATE", "FINAL", "INFO", "INFO_RECORD", "KEYS_CONFIG",
-    "METRICS", "PROXIMAL_MU", "PUBLIC_KEY_SETTING", "RANGE_CONFIG", "ROUND_OFFSET",
+    "ARRAYS", "BASELINE", "CODE_KEY", "CONFIG", "EVALUATE", "FINAL", "INFO", "INFO_RECORD",
+    "KEYS_CONFIG", "METRICS", "PROXIMAL_MU", "PUBLIC_KEY_SETTING", "RANGE_CONFIG", "ROUND_OFFSET",
     "SERVER_ROUND", "SIGNATURE_CONFIG_KEY", "TEACHER", "TRAIN", "WARM", "WEIGHT_KEY", "action",
 ]
 
@@ -63,6 +63,9 @@ RANGE_CONFIG = "fedbrats-secagg-range"
 """SecAgg+ rounds: the clipping range, so that a site can warn when its update exceeds it."""
 CODE_KEY = "code"
 """``query.info``: the folder the site's fedbrats code was loaded from (the app bundle's)."""
+BASELINE = "fedbrats-baseline"
+"""Train config: this round trains the labels-only FedAvg baseline, not the student (no
+teacher). Final evaluation: the name of the baseline's ArrayRecord beside the student's."""
 
 # -- node settings (``flower-supernode --node-config``) ----------------------------------------
 PUBLIC_KEY_SETTING = "consortium-public-key"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime
 from logging import DEBUG, INFO, WARNING
@@ -147,7 +148,11 @@ def warm_start(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[int],
         if len(replies) < len(nodes):
             raise RuntimeError(f"teachers' warm start, round {rnd}: {len(replies)} of "
                                f"{len(nodes)} sites replied; see the log and audit.jsonl")
-        arrays = aggregate_arrayrecords([r.content for r in replies.values()], wire.WEIGHT_KEY)
+        mean = aggregate_arrayrecords([r.content for r in replies.values()], wire.WEIGHT_KEY)
+        # Flower's mean is float64 throughout: each array back to the dtype it was sent in
+        # (a batch-norm step counter stays an integer, the weights float32)
+        arrays = ArrayRecord({k: torch.from_numpy(mean[k].numpy().astype(arrays[k].numpy().dtype))
+                              for k in arrays.keys()})
         save_atomic(path, {"round": rnd, "state_dict": arrays.to_torch_state_dict()})
         losses = {names[n]: round(float(r.content[wire.METRICS]["loss"]), 4)
                   for n, r in replies.items()}
@@ -209,9 +214,11 @@ def _resume_point(run: RunConfig, folder: RunFolder, signer, warm: ArrayRecord |
 
 
 def distil(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
-           names: dict[int, str], signer, warm: ArrayRecord | None = None) -> ArrayRecord:
+           names: dict[int, str], signer, warm: ArrayRecord | None = None,
+           baseline: bool = False) -> ArrayRecord:
     """Phase 2: the distillation rounds not yet done, with the run's Flower strategy (or
-    SecAgg+); the global student is checkpointed after every round. Returns the final student."""
+    SecAgg+); the global student is checkpointed after every round. Returns the final student.
+    With ``baseline`` the same rounds train the labels-only FedAvg baseline instead."""
     done, rounds, arrays, ckpt = _resume_point(run, folder, signer, warm)
     final_arrays = ArrayRecord(arrays)
     if done < run.num_rounds and run.secure_aggregation:
@@ -230,16 +237,33 @@ def distil(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
         result = strategy.start(
             grid=grid, initial_arrays=final_arrays, num_rounds=run.num_rounds - done,
             timeout=run.round_timeout,
-            train_config=ConfigRecord({wire.ROUND_OFFSET: done}),
+            train_config=ConfigRecord({wire.ROUND_OFFSET: done,
+                                       **({wire.BASELINE: True} if baseline else {})}),
             evaluate_config=ConfigRecord({wire.ROUND_OFFSET: done}),
         )
         final_arrays = result.arrays
     return final_arrays
 
 
+BASELINE_FOLDER = "baseline"
+
+
+def train_baseline(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
+                   names: dict[int, str], signer) -> ArrayRecord | None:
+    """``baseline = "fedavg"``: the labels-only FedAvg model, the student's rounds again with
+    the same strategy and schedule, in ``output-dir/baseline`` (its own checkpoints and
+    rounds.json, so that it resumes like the student); None when off."""
+    if run.baseline != "fedavg":
+        return None
+    brun = dataclasses.replace(run, output_dir=str(folder.path / BASELINE_FOLDER),
+                               student_init="new", keep_site_updates=False)
+    log(INFO, "fedbrats: the labels-only FedAvg baseline, %d rounds", run.num_rounds)
+    return distil(grid, context, brun, RunFolder(brun), names, signer, baseline=True)
+
+
 def evaluate_final(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[int],
                    names: dict[int, str], sites: dict[str, dict], final_arrays: ArrayRecord,
-                   signer) -> None:
+                   signer, baseline: ArrayRecord | None = None) -> None:
     """Save (and sign) the final student; each site scores it beside its teacher."""
     student_path = folder.save_student(final_arrays.to_torch_state_dict(), run.num_rounds)
     log(INFO, "fedbrats: final student saved to %s", student_path)
@@ -250,8 +274,10 @@ def evaluate_final(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[in
         log(INFO, "fedbrats: signature written to %s", sign_file(student_path, signer))
         final_config[SIGNATURE_CONFIG_KEY] = sign_arrays(final_arrays, signer)
     log(INFO, "fedbrats: final evaluation of the student beside each site's teacher")
-    replies = _send(grid, nodes, wire.FINAL,
-                    lambda: RecordDict({wire.ARRAYS: final_arrays, wire.CONFIG: final_config}),
+    records = {wire.ARRAYS: final_arrays, wire.CONFIG: final_config}
+    if baseline is not None:
+        records[wire.BASELINE] = baseline
+    replies = _send(grid, nodes, wire.FINAL, lambda: RecordDict(records),
                     LONG_TIMEOUT_S, folder, "final", names)
     for n, r in replies.items():
         sites[names[n]].update(parse_scores(r.content[wire.METRICS]))
@@ -301,11 +327,12 @@ def main(grid: Grid, context: Context) -> None:
     timed("teachers", train_teachers, grid, folder, nodes, names, sites, warm, signer)
     final_arrays = timed("distillation", distil, grid, context, run, folder, names, signer,
                          warm)
+    baseline = timed("baseline", train_baseline, grid, context, run, folder, names, signer)
     timed("evaluation", evaluate_final, grid, run, folder, nodes, names, sites, final_arrays,
-          signer, accumulate=False)
+          signer, baseline, accumulate=False)
     report(run, folder, sites, started, phase_seconds,
            {"server": code_location(), "sites": codes})
 
 
-__all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_teachers",
-           "warm_start"]
+__all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_baseline",
+           "train_teachers", "warm_start"]

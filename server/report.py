@@ -239,7 +239,52 @@ def summarise(sites: Mapping[str, Any]) -> dict:
         "mean": mean,
         "missing_modality": missing_modality,
         "failed": failed,
+        "baseline": _baseline_dice(order, by_name),
     }
+
+
+def _baseline_dice(order: list[str], sites: Mapping[str, Any]) -> dict:
+    """``{site: {region: {"teacher", "fedavg", "student", "student - fedavg",
+    "student - teacher"}}}`` Dice when the run trained the FedAvg baseline, else ``{}``."""
+    if not any(isinstance(v, Mapping) and isinstance(v.get("baseline"), Mapping)
+               for v in sites.values()):
+        return {}
+    out: dict = {}
+    for name in order:
+        site = sites[name] if isinstance(sites[name], Mapping) else {}
+        out[name] = {}
+        for region in _REGIONS:
+            t, b, st = (_num(_get(site, role, region, "dice"))
+                        for role in ("teacher", "baseline", "student"))
+            out[name][region] = {
+                "teacher": t, "fedavg": b, "student": st,
+                "student - fedavg": st - b if st is not None and b is not None else None,
+                "student - teacher": st - t if st is not None and t is not None else None,
+            }
+    return out
+
+
+def _baseline_markdown(summary: Mapping) -> list[str]:
+    """Teacher, FedAvg baseline and student Dice per population and region, with differences."""
+    table = summary.get("baseline") or {}
+    if not table:
+        return []
+    cols = ("teacher", "fedavg", "student", "student - fedavg", "student - teacher")
+    header = ["population"] + [f"{r} {c}" for r in _REGIONS for c in cols]
+    rows = []
+    for name, regions in table.items():
+        rows.append([_site_label(name)] + [
+            _fmt(regions[r][c], signed=c.startswith("student -")) for r in _REGIONS for c in cols])
+    means = []
+    for r in _REGIONS:
+        for c in cols:
+            vals = [regions[r][c] for regions in table.values() if regions[r][c] is not None]
+            means.append(_fmt(_mean(vals), signed=c.startswith("student -")))
+    rows.append(["mean (equal weight)"] + means)
+    return ["## Dice: teacher, FedAvg baseline and student", "",
+            "The labels-only FedAvg model (`baseline = \"fedavg\"`) trained with the student's "
+            "rounds, schedule and modality dropout in the same run, on each site's validation "
+            "cases.", "", _table(header, rows), ""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +644,7 @@ def _markdown(run: Mapping, sites: Mapping, rounds: list, summary: Mapping) -> s
     out = _facts_markdown(run, config, rounds)
     out += _sites_markdown(sites, summary)
     out += _scores_markdown(summary, config)
+    out += _baseline_markdown(summary)
     out += _ablation_markdown(summary, config)
     out += _training_markdown(rounds)
     out += _evaluation_markdown(rounds)
@@ -618,16 +664,21 @@ def plot_population_dice(summary: Mapping, path: Path) -> Path:
     order = list(summary.get("order", []))
     regions = list(summary.get("regions", _REGIONS))
     fig, axes = plt.subplots(1, len(regions), figsize=(12, 4), sharey=True, squeeze=False)
-    width = 0.38
+    baseline = summary.get("baseline") or {}
+    bars = [("teacher", "#4c72b0"), ("student", "#dd8452")]
+    if baseline:
+        bars.insert(1, ("fedavg", "#55a868"))
+    width = 0.76 / len(bars)
     try:
         for ax, region in zip(axes[0], regions):
-            for offset, role, color in (
-                (-width / 2, "teacher", "#4c72b0"),
-                (width / 2, "student", "#dd8452"),
-            ):
+            for k, (role, color) in enumerate(bars):
+                offset = (k - (len(bars) - 1) / 2) * width
                 xs, hs = [], []
                 for i, name in enumerate(order):
-                    v = _num(_get(summary, "populations", name, region, "dice", role))
+                    if baseline:
+                        v = _num(_get(baseline, name, region, role))
+                    else:
+                        v = _num(_get(summary, "populations", name, region, "dice", role))
                     if v is None:
                         ax.text(
                             i + offset,
@@ -652,7 +703,8 @@ def plot_population_dice(summary: Mapping, path: Path) -> Path:
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].set_ylabel("Dice (mean over validation cases)")
         axes[0][0].legend(loc="upper right", fontsize=8)
-        fig.suptitle("Teacher vs distilled student, per population")
+        fig.suptitle("Teacher, FedAvg baseline and distilled student, per population"
+                     if baseline else "Teacher vs distilled student, per population")
         fig.tight_layout()
         fig.savefig(path, dpi=80)
     finally:

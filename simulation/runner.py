@@ -235,6 +235,8 @@ def _run(args) -> int:
             print(f"--set expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         overrides[key.strip()] = value.strip()
+    if args.baseline:
+        overrides["baseline"] = args.baseline
     from fedbrats.common.config import load_run_config
 
     try:  # a bad setting fails here, before data are generated or a process starts
@@ -291,6 +293,10 @@ def register_simulate(subparsers) -> None:
     p.add_argument("--cases", type=int, default=16,
                    help="cases of the largest population when generating data "
                    "(default: %(default)s)")
+    p.add_argument("--baseline", choices=("fedavg",), default=None,
+                   help="also train the labels-only FedAvg model with the student's schedule "
+                   "in the same run and report it beside the student and the teachers "
+                   "(run setting baseline; doubles phase 2's time)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a run setting, e.g. --set num-rounds=3 (repeatable)")
     p.add_argument("--cpus-per-site", type=float, default=1.0,

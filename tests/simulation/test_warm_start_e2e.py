@@ -1,6 +1,7 @@
-"""The teachers' federated warm start through Flower's simulation engine: ``train.warm`` rounds
-averaged by the ServerApp, the teachers trained from the result, and a restart that does not
-run the warm start again."""
+"""The protocol's options through Flower's simulation engine: the teachers' federated warm start
+(``train.warm`` rounds averaged by the ServerApp, the teachers trained from the result, the
+student starting from it), the labels-only FedAvg baseline beside the student, and a restart
+that runs neither the warm start nor the finished rounds again."""
 
 import json
 
@@ -18,7 +19,8 @@ def warm(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm")
     write_dataset(root / "data", {p: 2 for p in SITES}, shape=(32, 32, 32), seed=2,
                   progress=False)
-    overrides = {"teacher-warm-rounds": 2, "num-rounds": 1}
+    overrides = {"teacher-warm-rounds": 2, "num-rounds": 1, "teacher-model": "student-tiny",
+                 "student-init": "warm", "baseline": "fedavg"}
     first = run_simulation(root / "run", root / "data", num_sites=2, preset="tiny",
                            overrides=overrides, stream=False)
     audit_first = (root / "run" / "audit.jsonl").read_text().splitlines()
@@ -58,3 +60,17 @@ def test_restarted_run_does_not_warm_start_again(warm):
     report = json.loads((run / "report.json").read_text())
     assert report["run"]["config"]["teacher_warm_rounds"] == 2
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+
+
+def test_baseline_trained_on_labels_only_and_reported_beside_the_student(warm):
+    run, _, _, _, _ = warm
+    base = json.loads((run / "baseline" / "rounds.json").read_text())
+    student = json.loads((run / "rounds.json").read_text())
+    assert [r["round"] for r in base] == [r["round"] for r in student] == [1, 2]
+    for site in SITES:
+        assert base[0]["train"][site]["logit"] == 0 and student[0]["train"][site]["logit"] > 0
+    assert (run / "baseline" / "checkpoints" / "round-002.pt").exists()
+    report = json.loads((run / "report.json").read_text())
+    for site in SITES:
+        assert 0 <= report["sites"][site]["baseline"]["WT"]["dice"] <= 1
+    assert "## Dice: teacher, FedAvg baseline and student" in (run / "report.md").read_text()
