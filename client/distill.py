@@ -5,6 +5,7 @@ sees them all. The student-to-teacher feature projector stays at the site across
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -149,7 +150,13 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     teacher = load_teacher(site, run, device).requires_grad_(False) if distil else None
     student = new_student(run)
     student.net.load_state_dict(student_state)
-    student.to(device).train()
+    student.to(device)
+    trust = 1.0
+    if distil and run.kd_trust == "site":
+        trust = teacher_trust(site, run, student, teacher, device)
+        run = dataclasses.replace(run, logit_weight=run.logit_weight * trust,
+                                  feature_weight=run.feature_weight * trust)
+    student.train()
     projector = _projector(site, student, teacher, run, device) if distil else None
     seed = derived_seed(run.seed, site.population, "round", server_round)
     trainer = LocalTrainer(student, run, device, run.round_lr(server_round), seed,
@@ -164,5 +171,28 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
                     {k: v.detach().cpu() for k, v in projector.state_dict().items()})
     metrics = {("loss" if k == "total" else k): v / run.local_steps for k, v in sums.items()}
     metrics["num_steps"] = run.local_steps
+    if distil and run.kd_trust != "none":
+        metrics["kd_trust"] = trust
     state = {k: v.detach().cpu() for k, v in student.net.state_dict().items()}
     return state, metrics
+
+
+def teacher_trust(site: SiteConfig, run: RunConfig, student: TappedModel, teacher: TappedModel,
+                  device: torch.device) -> float:
+    """``kd-trust site``: the weight of this site's distillation terms in this round, from the
+    teacher's and the sent student's mean WT/TC/ET Dice on the site's validation cases."""
+    from fedbrats.client.scoring import evaluate_model
+    from fedbrats.common.data.contract import REGIONS
+    from fedbrats.common.inference.explain import dice_per_region
+
+    data = load_site_data(site, run)
+
+    def dice(pred, gt) -> dict:
+        return {r: {"dice": d} for r, d in dice_per_region(pred, gt).items()}
+
+    def mean_dice(model: TappedModel) -> float:
+        scores = evaluate_model(model.eval(), data.val_ds, site, run, device, score=dice)
+        return sum(scores[r]["dice"] for r in REGIONS) / len(REGIONS)
+
+    gain = mean_dice(teacher) - mean_dice(student)
+    return float(min(1.0, max(0.0, 0.5 + gain / 0.1)))

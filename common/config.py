@@ -30,6 +30,7 @@ LR_SCHEDULES = ("cosine", "constant")
 AGGREGATIONS = ("equal", "cases")
 FEATURE_KINDS = ("mse", "cosine")
 KD_MASKS = ("none", "teacher-correct")
+KD_TRUSTS = ("none", "site")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -87,6 +88,11 @@ class RunConfig:
     feature_weight: float = 0.1
     temperature: float = 2.0
     feature_kind: str = "mse"
+    kd_trust: str = "none"
+    """How much a site's distillation terms count: ``none`` fully; ``site``: by how its teacher
+    compares with the global student it is sent, on the site's validation cases (mean Dice of
+    WT, TC and ET): weight ``clip(0.5 + (teacher - student) / 0.1, 0, 1)``, so a teacher 0.05
+    ahead counts fully and one 0.05 behind not at all (then the labels alone train)."""
     kd_mask: str = "none"
     """Where the logit distillation applies: ``none`` everywhere; ``teacher-correct`` only on
     voxels where the teacher's class is the label's, so that a weak teacher's mistakes are
@@ -196,6 +202,7 @@ class RunConfig:
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
+        need(self.kd_trust in KD_TRUSTS, "kd_trust", " or ".join(KD_TRUSTS))
         need(self.aggregation in AGGREGATIONS, "aggregation", " or ".join(AGGREGATIONS))
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES))
         need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))

@@ -101,6 +101,8 @@ METHODS: dict[str, str] = {
     "fedkd": "student from a FedAvg warm start, its fine-tuned teachers",
     "fedkd_teacher": "teachers fine-tuned from the FedAvg warm start",
     "fedkd_ensemble": "ensemble of the fine-tuned warm-start teachers",
+    "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
+    "trust": "student, distillation weighted by teacher trust",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -116,6 +118,8 @@ DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "kd_correct_nofeat": {"kd_mask": "teacher-correct", "feature_weight": 0.0},
     "warm_student": lambda run: warm_split(run),
     "fedkd": lambda run: fedkd_split(run),
+    "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
+    "trust": {"kd_trust": "site"},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
 preset's settings that gives them)."""
@@ -145,8 +149,10 @@ KEPT_METRICS = ("dice", "hd95", "lesion_dice", "lesion_hd95", "volume_ratio")
 """The metrics a part keeps per population and region: those of ``evaluate_case`` and the
 predicted over the true volume (under 1: under-segmentation)."""
 
-KEY_OMITS_WHEN_OFF = ("teacher_warm_rounds",)
-"""Run settings added after parts were stored: left out of a part's key while they are off."""
+KEY_OMITS_WHEN_OFF: dict[str, Any] = {"teacher_warm_rounds": 0, "student_init": "new",
+                                      "baseline": "", "kd_trust": "none"}
+"""Run settings added after parts were stored, with their "off" value: left out of a part's key
+while they are off, so that the parts made before stay valid."""
 
 CURVE_CASES = 3
 """Test cases per population of the per-round curves (Dice every ``curve_every`` rounds)."""
@@ -202,8 +208,8 @@ class QualitySettings:
         run = dataclasses.asdict(self.run(seed))
         for k in ("seed", "output_dir", "data_root", "device", "eval_every", "keep_site_updates"):
             run.pop(k, None)
-        for k in KEY_OMITS_WHEN_OFF:  # parts made before these settings existed stay valid
-            if not run.get(k):
+        for k, off in KEY_OMITS_WHEN_OFF.items():  # parts made before they existed stay valid
+            if run.get(k) == off:
                 run.pop(k, None)
         data = {k: getattr(self, k) for k in ("shape", "train_largest", "min_train",
                                                "test_cases", "data_seed", "test_seed")}

@@ -159,7 +159,8 @@ def paired_table(g: Group, a: str, others: Sequence[str]) -> str:
 
 
 TEACHERS_OF: dict[str, tuple[str, str]] = {"warm_student": ("warm_teacher", "warm_ensemble"),
-                                           "fedkd": ("fedkd_teacher", "fedkd_ensemble")}
+                                           "fedkd": ("fedkd_teacher", "fedkd_ensemble"),
+                                           "fedkd_trust": ("fedkd_teacher", "fedkd_ensemble")}
 """A distillation method's own teachers and their ensemble, where not phase 1's."""
 
 

@@ -259,3 +259,32 @@ def test_teacher_correct_kd_mask_changes_the_logit_term(data_root, tmp_path):
     _, masked = distill_round(site, masked_run, start, server_round=1)
     assert masked["supervised"] > 0 and masked["logit"] >= 0
     assert masked["logit"] != pytest.approx(plain["logit"], rel=1e-3)
+
+
+def test_kd_trust_weights_the_distillation_by_the_teachers_lead(data_root, tmp_path,
+                                                                monkeypatch):
+    import fedbrats.client.distill as distill_module
+
+    site = _site(data_root, tmp_path)
+    train_teacher(site, RUN)
+    start = new_student(RUN).net.state_dict()
+    trusting = dataclasses.replace(RUN, kd_trust="site")
+    _, metrics = distill_round(site, trusting, start, server_round=1)
+    assert 0.0 <= metrics["kd_trust"] <= 1.0
+    _, plain = distill_round(site, RUN, start, server_round=1)
+    assert "kd_trust" not in plain
+    # a teacher far behind the student: no distillation at all, the labels alone train
+    monkeypatch.setattr(distill_module, "teacher_trust", lambda *a: 0.0)
+    state, untrusted = distill_round(site, trusting, start, server_round=1)
+    labels_only = dataclasses.replace(RUN, logit_weight=0.0, feature_weight=0.0)
+    same, _ = distill_round(site, labels_only, start, server_round=1)
+    assert untrusted["kd_trust"] == 0.0
+    assert all(torch.allclose(state[k].float(), same[k].float(), atol=1e-6) for k in state)
+
+
+def test_teacher_trust_is_half_for_a_teacher_equal_to_the_student(data_root, tmp_path):
+    from fedbrats.client.distill import teacher_trust
+
+    site = _site(data_root, tmp_path)
+    model = new_student(RUN)
+    assert teacher_trust(site, RUN, model, model, torch.device("cpu")) == pytest.approx(0.5)
