@@ -69,6 +69,20 @@ def warm_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch.Tenso
     return {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, metrics
 
 
+def _initial_teacher(site: SiteConfig, run: RunConfig,
+                     init_state: Mapping[str, torch.Tensor] | None, resuming: bool
+                     ) -> TappedModel:
+    """The teacher network before its first step: seeded, or the warm start's network."""
+    torch.manual_seed(derived_seed(run.seed, site.population, "teacher"))
+    model = TappedModel.from_spec(resolve_spec(run.teacher_model))
+    if init_state is not None:
+        model.net.load_state_dict(init_state)
+    elif run.teacher_warm_rounds and not resuming:
+        raise SiteError(f"{site.population}: teacher-warm-rounds is {run.teacher_warm_rounds} "
+                        "but no warm-start network was given to train the teacher from")
+    return model
+
+
 def train_teacher(site: SiteConfig, run: RunConfig,
                   init_state: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Train (or reuse, or resume) the site's teacher; returns metrics only.
@@ -92,14 +106,7 @@ def train_teacher(site: SiteConfig, run: RunConfig,
     device = select_device(run)
     data = load_site_data(site, run)
     spec = resolve_spec(run.teacher_model)
-    torch.manual_seed(derived_seed(run.seed, site.population, "teacher"))
-    model = TappedModel.from_spec(spec)
-    if init_state is not None:
-        model.net.load_state_dict(init_state)
-    elif run.teacher_warm_rounds and stored is None:
-        raise SiteError(f"{site.population}: teacher-warm-rounds is {run.teacher_warm_rounds} "
-                        "but no warm-start network was given to train the teacher from")
-    model = model.to(device)
+    model = _initial_teacher(site, run, init_state, resuming=stored is not None).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=run.teacher_lr, weight_decay=1e-5)
     total_steps = run.teacher_epochs * run.teacher_steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=run.teacher_lr, total_steps=total_steps,

@@ -922,8 +922,9 @@ def register_quality(subparsers) -> argparse.ArgumentParser:
             "precision, MET lesion-wise; the student also for every subset of contrasts). "
             "Each (fraction, seed, method) is kept as a part under OUT/quality-parts and "
             "skipped when found again, so a long run resumes; OUT/quality.md, quality.json and "
-            "the charts merge every part there. The full schedule takes about 25 min per seed "
-            "for the four deciding methods on one CPU core; --quick takes a minute."
+            "the charts merge every part there. At the full schedule the four deciding methods "
+            "took 54 min for one seed on one core of a shared 2-core machine; --quick takes a "
+            "minute."
         ),
     )
     add_common_arguments(p, "quality")
