@@ -538,6 +538,12 @@ class SeedRun:
             self._teachers = {p: load_teacher(s, run, self.device) for p, s in sites.items()}
         return self._teachers
 
+    def teacher_folder(self, run: RunConfig) -> Path:
+        """Where the teachers trained with ``run``'s teacher settings are kept."""
+        tag = hashlib.sha256(json.dumps(run.teacher_fingerprint(), sort_keys=True)
+                             .encode()).hexdigest()[:8]
+        return self.folder / f"teachers-{tag}"
+
     def teachers_for(self, run: RunConfig) -> dict[str, SiteConfig]:
         """Sites whose work folders hold finished teachers trained with ``run``'s teacher
         settings: phase 1's own when they are the preset's, else trained here (with the
@@ -550,9 +556,7 @@ class SeedRun:
         from fedbrats.client.data import SiteError
         from fedbrats.client.teacher import load_teacher, train_teacher
 
-        tag = hashlib.sha256(json.dumps(run.teacher_fingerprint(), sort_keys=True)
-                             .encode()).hexdigest()[:8]
-        folder = self.folder / f"teachers-{tag}"
+        folder = self.teacher_folder(run)
         sites = {p: dataclasses.replace(s, work_dir=folder / p) for p, s in self.sites.items()}
         try:
             for site in sites.values():
@@ -574,9 +578,7 @@ class SeedRun:
         import torch
 
         self.teachers_for(run)
-        tag = hashlib.sha256(json.dumps(run.teacher_fingerprint(), sort_keys=True)
-                             .encode()).hexdigest()[:8]
-        path = self.folder / f"teachers-{tag}" / "warm-start.pt"
+        path = self.teacher_folder(run) / "warm-start.pt"
         return torch.load(path, weights_only=True) if path.exists() else None
 
     def curve_hook(self, run: RunConfig, curve: dict) -> RoundHook | None:
