@@ -6,14 +6,17 @@ sees them all. The student-to-teacher feature projector stays at the site across
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from fedbrats.client.data import load_site_data, select_device, training_batches
-from fedbrats.client.teacher import load_teacher
+from fedbrats.client.teacher import load_teacher, teacher_path
 from fedbrats.common.config import RunConfig, SiteConfig
+from fedbrats.common.data.contract import REGIONS
 from fedbrats.common.data.transforms import IMAGE, LABEL
 from fedbrats.common.losses import DistillationLoss, teacher_correct_mask
 from fedbrats.common.networks.models import (
@@ -77,14 +80,18 @@ class LocalTrainer:
     (with a ``projector``) feature distillation from the frozen teacher, which sees every contrast
     while the student may see a random subset (modality dropout); with ``proximal_mu > 0``
     (FedProx) also ``mu / 2 * ||w - w_start||^2``, ``w_start`` the student as given. Adam at
-    ``lr`` over the student's and the projector's parameters. Without a teacher (a labels-only
+    ``lr`` over the student's and the projector's parameters. With ``region_weights`` (WT, TC,
+    ET) the logit term is split by region (:func:`~fedbrats.common.losses.region_kd_loss`).
+    Without a teacher (a labels-only
     baseline) the run's logit and feature weights must be 0.
     """
 
     def __init__(self, student: TappedModel, run: RunConfig, device: torch.device, lr: float,
                  seed: int, teacher: TappedModel | None = None,
-                 projector: FeatureProjector | None = None, proximal_mu: float = 0.0) -> None:
+                 projector: FeatureProjector | None = None, proximal_mu: float = 0.0,
+                 region_weights: Sequence[float] | None = None) -> None:
         self.student, self.teacher, self.projector = student, teacher, projector
+        self.region_weights = region_weights
         self.run, self.device, self.proximal_mu = run, device, proximal_mu
         self.loss_fn = DistillationLoss(
             supervised_weight=run.supervised_weight, logit_weight=run.logit_weight,
@@ -124,7 +131,7 @@ class LocalTrainer:
                 s_logits, t_logits, y,
                 self.projector(s_feats, t_feats) if need_feats else None,
                 t_feats if need_feats else None,
-                kd_mask=kd_mask,
+                kd_mask=kd_mask, region_weights=self.region_weights,
             )
         if self.proximal_mu:
             prox = sum(((p - g) ** 2).sum()
@@ -151,16 +158,23 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     student = new_student(run)
     student.net.load_state_dict(student_state)
     student.to(device)
-    trust = 1.0
+    trust, region_weights = 1.0, None
     if distil and run.kd_trust == "site":
         trust = teacher_trust(site, run, student, teacher, device)
-        run = dataclasses.replace(run, logit_weight=run.logit_weight * trust,
-                                  feature_weight=run.feature_weight * trust)
+    elif distil and run.kd_trust == "region":
+        # each region's logit term by its own weight; the feature term by their mean
+        region_weights = tuple(region_trust(site, run, student, teacher, device).values())
+        trust = sum(region_weights) / len(region_weights)
+    if trust != 1.0 or region_weights is not None:
+        run = dataclasses.replace(
+            run, feature_weight=run.feature_weight * trust,
+            logit_weight=run.logit_weight * (1.0 if region_weights else trust))
     student.train()
     projector = _projector(site, student, teacher, run, device) if distil else None
     seed = derived_seed(run.seed, site.population, "round", server_round)
     trainer = LocalTrainer(student, run, device, run.round_lr(server_round), seed,
-                           teacher=teacher, projector=projector, proximal_mu=proximal_mu)
+                           teacher=teacher, projector=projector, proximal_mu=proximal_mu,
+                           region_weights=region_weights)
     batches = training_batches(data.train_ds, run.batch_size, seed)
     sums: dict[str, float] = {}
     for _ in range(run.local_steps):
@@ -173,26 +187,71 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     metrics["num_steps"] = run.local_steps
     if distil and run.kd_trust != "none":
         metrics["kd_trust"] = trust
+        if region_weights is not None:
+            metrics.update({f"kd_trust_{r}": w for r, w in zip(REGIONS, region_weights)})
     state = {k: v.detach().cpu() for k, v in student.net.state_dict().items()}
     return state, metrics
+
+
+TEACHER_VAL_FILE = "teacher-val-dice.json"
+
+
+def trust_weight(teacher_dice: float, student_dice: float) -> float:
+    """``clip(0.5 + (teacher - student) / 0.1, 0, 1)``: a teacher 0.05 ahead of the student
+    counts fully, one 0.05 behind not at all."""
+    return float(min(1.0, max(0.0, 0.5 + (teacher_dice - student_dice) / 0.1)))
+
+
+def _val_dice(site: SiteConfig, run: RunConfig, model: TappedModel,
+              device: torch.device) -> dict[str, float]:
+    """``model``'s mean Dice per region (WT, TC, ET) on the site's validation cases."""
+    from fedbrats.client.scoring import evaluate_model
+    from fedbrats.common.inference.explain import dice_per_region
+
+    def dice(pred, gt) -> dict:
+        return {r: {"dice": d} for r, d in dice_per_region(pred, gt).items()}
+
+    data = load_site_data(site, run)
+    scores = evaluate_model(model.eval(), data.val_ds, site, run, device, score=dice)
+    return {r: float(scores[r]["dice"]) for r in REGIONS}
+
+
+def _teacher_val_dice(site: SiteConfig, run: RunConfig, teacher: TappedModel,
+                      device: torch.device) -> dict[str, float]:
+    """The frozen teacher's validation Dice, computed once and kept in the work folder beside
+    the teacher (keyed by the teacher file's digest and the validation cases)."""
+    data = load_site_data(site, run)
+    digest = hashlib.sha256(teacher_path(site).read_bytes()).hexdigest()
+    key = {"teacher": digest, "val": [c.case_id for c in data.val_cases],
+           "patch_size": run.patch_size, "spacing": run.spacing}
+    path = site.work_dir / TEACHER_VAL_FILE
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return {r: float(stored["dice"][r]) for r in REGIONS}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, torn or from another teacher: score it again
+    dice = _val_dice(site, run, teacher, device)
+    save_atomic(path, json.dumps({"key": key, "dice": dice}, indent=1))
+    return dice
+
+
+def region_trust(site: SiteConfig, run: RunConfig, student: TappedModel, teacher: TappedModel,
+                 device: torch.device) -> dict[str, float]:
+    """How far to trust the teacher in each region (WT, TC, ET) this round:
+    :func:`trust_weight` of the teacher's and the sent student's Dice on the site's validation
+    cases."""
+    t = _teacher_val_dice(site, run, teacher, device)
+    s = _val_dice(site, run, student, device)
+    student.train()
+    return {r: trust_weight(t[r], s[r]) for r in REGIONS}
 
 
 def teacher_trust(site: SiteConfig, run: RunConfig, student: TappedModel, teacher: TappedModel,
                   device: torch.device) -> float:
     """``kd-trust site``: the weight of this site's distillation terms in this round, from the
     teacher's and the sent student's mean WT/TC/ET Dice on the site's validation cases."""
-    from fedbrats.client.scoring import evaluate_model
-    from fedbrats.common.data.contract import REGIONS
-    from fedbrats.common.inference.explain import dice_per_region
-
-    data = load_site_data(site, run)
-
-    def dice(pred, gt) -> dict:
-        return {r: {"dice": d} for r, d in dice_per_region(pred, gt).items()}
-
-    def mean_dice(model: TappedModel) -> float:
-        scores = evaluate_model(model.eval(), data.val_ds, site, run, device, score=dice)
-        return sum(scores[r]["dice"] for r in REGIONS) / len(REGIONS)
-
-    gain = mean_dice(teacher) - mean_dice(student)
-    return float(min(1.0, max(0.0, 0.5 + gain / 0.1)))
+    t = _teacher_val_dice(site, run, teacher, device)
+    s = _val_dice(site, run, student, device)
+    student.train()
+    return trust_weight(sum(t.values()) / len(t), sum(s.values()) / len(s))

@@ -30,7 +30,7 @@ LR_SCHEDULES = ("cosine", "constant")
 AGGREGATIONS = ("equal", "cases")
 FEATURE_KINDS = ("mse", "cosine")
 KD_MASKS = ("none", "teacher-correct")
-KD_TRUSTS = ("none", "site")
+KD_TRUSTS = ("none", "site", "region")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -92,7 +92,10 @@ class RunConfig:
     """How much a site's distillation terms count: ``none`` fully; ``site``: by how its teacher
     compares with the global student it is sent, on the site's validation cases (mean Dice of
     WT, TC and ET): weight ``clip(0.5 + (teacher - student) / 0.1, 0, 1)``, so a teacher 0.05
-    ahead counts fully and one 0.05 behind not at all (then the labels alone train)."""
+    ahead counts fully and one 0.05 behind not at all (then the labels alone train);
+    ``region``: the same weight per region (WT, TC, ET) from that region's Dice, applied to
+    the logit distillation split by region (``region_kd_loss``), the feature term weighted by
+    their mean. The teacher's validation Dice is computed once and kept in the work folder."""
     kd_mask: str = "none"
     """Where the logit distillation applies: ``none`` everywhere; ``teacher-correct`` only on
     voxels where the teacher's class is the label's, so that a weak teacher's mistakes are

@@ -9,6 +9,9 @@ Shapes: logits ``B, C, H, W, D`` with ``C = NUM_CLASSES`` (4), labels ``B, 1, H,
   class axis, averaged over voxels and batch (Hinton et al., 2015).
 * :func:`feature_kd_loss`: mean squared error or ``1 - cosine similarity`` (channel axis)
   between projected student features and teacher features, averaged over taps.
+* :func:`region_kd_loss`: the logit KD split by evaluated region (WT, TC, ET): per region the
+  binary KL between the teacher's and the student's region probability (the sum of the class
+  probabilities at ``T``), weighted per region (``kd-trust region``).
 * :func:`teacher_correct_mask`: where the teacher's class is the label's (optional logit KD mask).
 * :class:`DistillationLoss`: the weighted sum of the three.
 
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbrats.common.data.contract import NUM_CLASSES
+from fedbrats.common.data.contract import NUM_CLASSES, REGIONS
 
 __all__ = [
     "FEATURE_KINDS",
@@ -32,6 +35,7 @@ __all__ = [
     "SupervisedLoss",
     "feature_kd_loss",
     "logit_kd_loss",
+    "region_kd_loss",
     "supervised_loss",
     "teacher_correct_mask",
 ]
@@ -147,6 +151,48 @@ def logit_kd_loss(
     return scale * (kl * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
+def region_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """Logit distillation region by region, each region with its own weight.
+
+    For each evaluated region ``r`` (``REGIONS``: WT, TC, ET, in that order) the region
+    probability is ``q_r = sum_{c in r} softmax(logits / T)_c``; the term is the binary KL
+    ``q_t log(q_t / q_s) + (1 - q_t) log((1 - q_t) / (1 - q_s))`` averaged over voxels and
+    batch. Returns ``T^2 * sum_r weights[r] * term_r / 3``: with a weight of 0 the student
+    learns that region from the labels alone. The nested regions determine the four classes
+    (background = not WT, SNFH = WT - TC, NETC = TC - ET), so with every weight 1 the student
+    is pulled towards the teacher's whole distribution, as with :func:`logit_kd_loss`.
+    """
+    temperature = _check_temperature(temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (B, C, H, W, D)"
+        )
+    if len(weights) != len(REGIONS):
+        raise ValueError(f"region weights must be {len(REGIONS)} numbers ({', '.join(REGIONS)}), "
+                         f"got {list(weights)!r}")
+    for name, w in zip(REGIONS, weights):
+        _check_weight(f"weight of {name}", w)
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    eps = 1e-6
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for w, classes in zip(weights, REGIONS.values()):
+        if w == 0:
+            continue
+        idx = list(classes)
+        q_s = p_s[:, idx].sum(1).clamp(eps, 1 - eps)
+        q_t = p_t[:, idx].sum(1).clamp(eps, 1 - eps)
+        kl = q_t * (q_t.log() - q_s.log()) + (1 - q_t) * ((1 - q_t).log() - (1 - q_s).log())
+        total = total + float(w) * kl.mean()
+    return temperature * temperature * total / len(REGIONS)
+
+
 def _pair_features(
     student_feats: Features, teacher_feats: Features
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -228,7 +274,8 @@ class DistillationLoss(nn.Module):
     * ``labels``: ``B, 1, H, W, D`` integers (``B, H, W, D`` accepted);
     * ``student_feats`` (already projected), ``teacher_feats``: dicts or sequences of
       ``B, C_f, h, w, d`` tensors of equal shapes; required when ``feature_weight > 0``;
-    * ``kd_mask``: optional voxel mask for the logit term (see :func:`logit_kd_loss`).
+    * ``kd_mask``: optional voxel mask for the logit term (see :func:`logit_kd_loss`);
+    * ``region_weights``: WT, TC, ET weights; the logit term is then :func:`region_kd_loss`.
 
     Returns ``(total, parts)``: the scalar tensor to back-propagate and a dict of floats
     ``{"supervised", "logit", "feature", "total"}`` where the first three are the unweighted
@@ -276,6 +323,7 @@ class DistillationLoss(nn.Module):
         student_feats: Features | None = None,
         teacher_feats: Features | None = None,
         kd_mask: torch.Tensor | None = None,
+        region_weights: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if student_logits.ndim < 3 or student_logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -291,7 +339,13 @@ class DistillationLoss(nn.Module):
         if self.logit_weight > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits are required when logit_weight > 0")
-            logit = logit_kd_loss(student_logits, teacher_logits, self.temperature, kd_mask)
+            if region_weights is not None:
+                if kd_mask is not None:
+                    raise ValueError("region_weights and kd_mask cannot be combined")
+                logit = region_kd_loss(student_logits, teacher_logits, self.temperature,
+                                       region_weights)
+            else:
+                logit = logit_kd_loss(student_logits, teacher_logits, self.temperature, kd_mask)
         if self.feature_weight > 0:
             if student_feats is None or teacher_feats is None:
                 raise ValueError(

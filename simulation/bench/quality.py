@@ -103,6 +103,7 @@ METHODS: dict[str, str] = {
     "fedkd_ensemble": "ensemble of the fine-tuned warm-start teachers",
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
+    "trust_region": "student, distillation per region weighted by teacher trust",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -120,6 +121,7 @@ DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "fedkd": lambda run: fedkd_split(run),
     "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
     "trust": {"kd_trust": "site"},
+    "trust_region": {"kd_trust": "region"},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
 preset's settings that gives them)."""

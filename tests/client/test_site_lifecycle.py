@@ -284,7 +284,59 @@ def test_kd_trust_weights_the_distillation_by_the_teachers_lead(data_root, tmp_p
 
 def test_teacher_trust_is_half_for_a_teacher_equal_to_the_student(data_root, tmp_path):
     from fedbrats.client.distill import teacher_trust
+    from fedbrats.client.teacher import load_teacher
 
     site = _site(data_root, tmp_path)
-    model = new_student(RUN)
+    train_teacher(site, RUN)
+    model = load_teacher(site, RUN, torch.device("cpu"))
     assert teacher_trust(site, RUN, model, model, torch.device("cpu")) == pytest.approx(0.5)
+
+
+def test_kd_trust_region_weights_each_region_and_scores_the_teacher_once(data_root, tmp_path,
+                                                                         monkeypatch):
+    import fedbrats.client.distill as distill_module
+
+    site = _site(data_root, tmp_path)
+    train_teacher(site, RUN)
+    start = new_student(RUN).net.state_dict()
+    regional = dataclasses.replace(RUN, kd_trust="region")
+    scored = []
+    real_val_dice = distill_module._val_dice
+    def counted(s, r, model, d):
+        scored.append(model)
+        return real_val_dice(s, r, model, d)
+
+    monkeypatch.setattr(distill_module, "_val_dice", counted)
+    _, metrics = distill_round(site, regional, start, server_round=1)
+    assert len(scored) == 2  # the teacher and the sent student
+    weights = [metrics[f"kd_trust_{r}"] for r in ("WT", "TC", "ET")]
+    assert all(0.0 <= w <= 1.0 for w in weights)
+    assert metrics["kd_trust"] == pytest.approx(sum(weights) / 3)
+    stored = json.loads((site.work_dir / distill_module.TEACHER_VAL_FILE).read_text())
+    assert set(stored["dice"]) == {"WT", "TC", "ET"}
+    # the next round scores only the student: the teacher's Dice is read back
+    distill_round(site, regional, start, server_round=2)
+    assert len(scored) == 3
+    # a retrained teacher (another file) is scored again
+    regional = dataclasses.replace(regional, teacher_lr=1e-4)
+    train_teacher(site, regional)
+    distill_round(site, regional, start, server_round=3)
+    assert len(scored) == 5
+    # no trust in any region: the labels alone train, as in a labels-only round
+    monkeypatch.setattr(distill_module, "region_trust",
+                        lambda *a: {"WT": 0.0, "TC": 0.0, "ET": 0.0})
+    state, untrusted = distill_round(site, regional, start, server_round=1)
+    assert untrusted["logit"] == 0.0 and untrusted["kd_trust"] == 0.0
+    labels_only = dataclasses.replace(regional, logit_weight=0.0, feature_weight=0.0)
+    same, _ = distill_round(site, labels_only, start, server_round=1)
+    assert all(torch.allclose(state[k].float(), same[k].float(), atol=1e-6) for k in state)
+
+
+def test_trust_weight_by_hand():
+    from fedbrats.client.distill import trust_weight
+
+    assert trust_weight(0.8, 0.8) == pytest.approx(0.5)
+    assert trust_weight(0.85, 0.8) == pytest.approx(1.0)
+    assert trust_weight(0.9, 0.8) == 1.0
+    assert trust_weight(0.75, 0.8) == pytest.approx(0.0)
+    assert trust_weight(0.82, 0.8) == pytest.approx(0.7)

@@ -241,3 +241,50 @@ def test_distillation_loss_zero_weight_terms_skipped():
 def test_distillation_loss_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillationLoss(**kwargs)
+
+
+def _binary_kl(a: float, b: float) -> float:
+    return a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+
+
+def test_region_kd_by_hand():
+    from fedbrats.common.losses import region_kd_loss
+
+    # student uniform (0.25 per class): region probabilities WT 0.75, TC 0.5, ET 0.25;
+    # teacher (0.1, 0.2, 0.3, 0.4) over (background, NETC, SNFH, ET): WT 0.9, TC 0.6, ET 0.4
+    s = torch.zeros(1, 4, 1, 1, 1)
+    t = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).reshape(1, 4, 1, 1, 1)
+    wt, tc, et = _binary_kl(0.9, 0.75), _binary_kl(0.6, 0.5), _binary_kl(0.4, 0.25)
+    assert region_kd_loss(s, t, 1.0, (1, 1, 1)).item() == pytest.approx((wt + tc + et) / 3,
+                                                                        abs=1e-6)
+    assert region_kd_loss(s, t, 1.0, (1, 0, 0)).item() == pytest.approx(wt / 3, abs=1e-6)
+    assert region_kd_loss(s, t, 1.0, (0, 1, 0)).item() == pytest.approx(tc / 3, abs=1e-6)
+    assert region_kd_loss(t, t, 1.0, (1, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    assert region_kd_loss(s, t, 1.0, (0, 0, 0.5)).item() == pytest.approx(et / 6, abs=1e-6)
+    # T = 2 on logits twice as large gives the same probabilities, scaled by T^2
+    assert region_kd_loss(s, 2 * t, 2.0, (1, 1, 1)).item() == pytest.approx(
+        4 * (wt + tc + et) / 3, abs=1e-5)
+
+
+def test_region_kd_in_the_distillation_loss_and_bad_arguments():
+    from fedbrats.common.losses import region_kd_loss
+
+    s = torch.randn(2, 4, 3, 3, 3, requires_grad=True)
+    t = torch.randn(2, 4, 3, 3, 3)
+    y = torch.randint(0, 4, (2, 1, 3, 3, 3))
+    loss = DistillationLoss(feature_weight=0.0)
+    total, parts = loss(s, t, y, region_weights=(0.0, 0.0, 0.0))
+    assert parts["logit"] == 0.0
+    assert total.item() == pytest.approx(parts["supervised"], abs=1e-6)
+    _, parts = loss(s, t, y, region_weights=(1.0, 0.5, 0.0))
+    assert parts["logit"] == pytest.approx(region_kd_loss(s, t, 2.0, (1.0, 0.5, 0.0)).item())
+    assert parts["logit"] > 0
+    region_kd_loss(s, t, 2.0, (1, 1, 1)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="3 numbers"):
+        region_kd_loss(s, t, 2.0, (1, 1))
+    with pytest.raises(ValueError, match="weight of TC"):
+        region_kd_loss(s, t, 2.0, (1, -1, 1))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        loss(s, t, y, kd_mask=torch.ones(2, 1, 3, 3, 3, dtype=torch.bool),
+             region_weights=(1, 1, 1))
