@@ -17,13 +17,24 @@ import dataclasses
 import math
 from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common import log as flwr_log
 from flwr.common.constant import ErrorCode
 
 from fedbrats.common import wire
 from fedbrats.common.config import RunConfig, SiteConfig, load_run_config, site_from_node_config
+from fedbrats.common.utils.arrays import cast_floats, cast_like
 from fedbrats.common.utils.code import code_location
 from fedbrats.common.wire import PUBLIC_KEY_SETTING, WEIGHT_KEY
 
@@ -65,15 +76,39 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     The server's ``DifferentialPrivacyClientSideFixedClipping`` puts the clipping norm into every
     train instruction; then the returned student is clipped to within that L2 distance of the sent
     one. Without the key (no DP) the handler runs as is (``fixedclipping_mod`` itself would refuse
-    such a message).
+    such a message). A student sent in float16 (``transfer-dtype``) is clipped in float32, and
+    the clipped reply rounded to float16 again.
     """
     from flwr.clientapp.mod import fixedclipping_mod
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
-    if config is not None and KEY_CLIPPING_NORM in config:
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    sent = msg.content.array_records.get(wire.ARRAYS)
+    sent_np = {k: a.numpy() for k, a in sent.items()} if sent is not None else {}
+    if not any(a.dtype == np.float16 for a in sent_np.values()):
         return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+
+    wide = Message(RecordDict({**dict(msg.content.items()), wire.ARRAYS: _as_float32(sent)}),
+                   dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+    def run_handler(_m: Message, ctx: Context) -> Message:
+        reply = call_next(msg, ctx)  # the handler sees (and verifies) what was sent
+        if not reply.has_error() and wire.ARRAYS in reply.content.array_records:
+            reply.content[wire.ARRAYS] = _as_float32(reply.content[wire.ARRAYS])
+        return reply
+
+    reply = fixedclipping_mod(wide, context, run_handler)
+    if not reply.has_error() and wire.ARRAYS in reply.content.array_records:
+        reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
+            {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}, sent_np).items()})
+    return reply
+
+
+def _as_float32(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in cast_floats(
+        {k: a.numpy() for k, a in record.items()}, np.float32).items()})
 
 
 def _weight(run: RunConfig, site: SiteConfig) -> float:
@@ -175,9 +210,11 @@ def train(msg: Message, context: Context) -> Message:
     state, metrics = distill_round(site, run, student, server_round, proximal_mu=mu)
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
     record[WEIGHT_KEY] = _weight(run, site)
-    return Message(
-        RecordDict({wire.ARRAYS: ArrayRecord(state), wire.METRICS: record}), reply_to=msg
-    )
+    # answered in the precision it was sent (transfer-dtype); trained in the model's own
+    sent = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+    arrays = ArrayRecord({k: Array(v) for k, v in cast_like(
+        {k: v.numpy() for k, v in state.items()}, sent).items()})
+    return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: record}), reply_to=msg)
 
 
 @app.evaluate()

@@ -31,6 +31,7 @@ AGGREGATIONS = ("equal", "cases")
 FEATURE_KINDS = ("mse", "cosine")
 KD_MASKS = ("none", "teacher-correct")
 KD_TRUSTS = ("none", "site", "region")
+TRANSFER_DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -152,6 +153,11 @@ class RunConfig:
     secure_aggregation: bool = False
     """Aggregate the distillation rounds with Flower's SecAgg+: the server sees only the mean of
     the sites' updates (server/secagg.py)."""
+    transfer_dtype: str = "float32"
+    """Precision of the student as it travels in the distillation rounds and their evaluations:
+    ``float16`` halves the bytes. The server keeps, aggregates and checkpoints the student in
+    float32 and the sites train it in float32; only the copies sent and returned are rounded
+    (a site answers in the precision it was sent; integer arrays are never cast)."""
 
     def __post_init__(self) -> None:
         from fedbrats.common.networks.models import PRESETS as MODEL_PRESETS
@@ -206,6 +212,11 @@ class RunConfig:
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
         need(self.kd_trust in KD_TRUSTS, "kd_trust", " or ".join(KD_TRUSTS))
+        need(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
+             " or ".join(TRANSFER_DTYPES))
+        need(not (self.secure_aggregation and self.transfer_dtype != "float32"),
+             "transfer_dtype", "float32 with secure-aggregation (SecAgg+ sends its own "
+             "quantised integers, so a float16 update would gain nothing)")
         need(self.aggregation in AGGREGATIONS, "aggregation", " or ".join(AGGREGATIONS))
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES))
         need(self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES))

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbrats.common.config import RunConfig
+from fedbrats.common.utils.arrays import cast_floats, cast_like
 from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
 from fedbrats.server.ledger import RoundLedger
 from fedbrats.server.protocol import (
@@ -50,6 +51,15 @@ def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return out
 
 
+def for_transfer(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The student as it is sent: ``arrays`` itself in float32, else a copy with every
+    floating-point array in ``dtype`` (run setting ``transfer-dtype``)."""
+    if dtype == "float32":
+        return arrays
+    return ArrayRecord({k: Array(v) for k, v in cast_floats(
+        {k: a.numpy() for k, a in arrays.items()}, dtype).items()})
+
+
 class RecordingMixin:
     """Put before a Flower strategy class: configure/aggregate hooks that keep the ledger.
 
@@ -59,7 +69,9 @@ class RecordingMixin:
     ledger: RoundLedger
     dp: bool = False
     sent_arrays: ArrayRecord | None = None
-    """The global student of the current round: what updates are checked against."""
+    """The global student of the current round (float32)."""
+    sent_wire: ArrayRecord | None = None
+    """The student as sent this round (``transfer-dtype``): what updates are checked against."""
 
     def _sent(self) -> dict[tuple[str, int], list[Message]]:
         if not hasattr(self, "_sent_messages"):
@@ -85,8 +97,9 @@ class RecordingMixin:
         wait_for_missing_sites(grid, self.ledger.run,
                                f"round {self.ledger.round_number(server_round)}")
         self.sent_arrays = arrays
-        self.ledger.sign_into(arrays, config)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent_wire = wire = for_transfer(arrays, self.ledger.run.transfer_dtype)
+        self.ledger.sign_into(wire, config)
+        messages = list(super().configure_train(server_round, wire, config, grid))
         self._sent()[("round", server_round)] = messages  # message ids are set when sent
         return messages
 
@@ -99,6 +112,11 @@ class RecordingMixin:
             ledger.no_reply("round", rnd, node, reason)
         replies = [m for m in replies if not m.has_error()]
         replies = [m for m in replies if self._valid_update(rnd, m)]
+        if self.sent_wire is not self.sent_arrays and self.sent_arrays is not None:
+            for m in replies:  # aggregate in the student's own precision
+                m.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
+                    {k: a.numpy() for k, a in m.content[ARRAYS].items()},
+                    {k: a.numpy() for k, a in self.sent_arrays.items()}).items()})
         if len(replies) < run.required_sites:
             who = ", ".join(ledger.site_of(m.metadata.src_node_id) for m in replies) or "none"
             ledger.fail(rnd, f"round {rnd}: {len(replies)} of {run.num_sites} sites replied "
@@ -150,7 +168,8 @@ class RecordingMixin:
             problems = [f"expected one ArrayRecord and one MetricRecord, found "
                         f"{len(records)} and {len(metrics)}"]
         else:
-            problems = check_update(self.sent_arrays or {}, next(iter(records.values())))
+            problems = check_update(self.sent_wire or self.sent_arrays or {},
+                                    next(iter(records.values())))
             weight = next(iter(metrics.values())).get(WEIGHT_KEY)
             if (not isinstance(weight, int | float) or isinstance(weight, bool)
                     or not np.isfinite(weight) or weight <= 0):
@@ -167,8 +186,9 @@ class RecordingMixin:
     def configure_evaluate(self, server_round, arrays, config, grid):
         if not self.ledger.run.evaluates_round(self.ledger.round_number(server_round)):
             return []  # not an eval-every round: no evaluation messages are sent
-        self.ledger.sign_into(arrays, config)
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        wire = for_transfer(arrays, self.ledger.run.transfer_dtype)
+        self.ledger.sign_into(wire, config)
+        messages = list(super().configure_evaluate(server_round, wire, config, grid))
         self._sent()[("evaluate", server_round)] = messages
         return messages
 

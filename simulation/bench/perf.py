@@ -451,9 +451,10 @@ def _wire_bytes(obj) -> int:
 
 
 def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
 
     from fedbrats.common.networks.models import new_student
+    from fedbrats.common.utils.arrays import cast_floats
 
     out = {}
     for name in students:
@@ -461,7 +462,12 @@ def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
         state = new_student(run).net.state_dict()
         size = sum(v.numel() * 4 for v in state.values())
         wire = _wire_bytes(ArrayRecord(state))  # the student sent, and the update returned
+        # transfer-dtype float16: the copy the strategy sends, and a site returns
+        half = _wire_bytes(ArrayRecord({k: Array(v) for k, v in cast_floats(
+            {k: v.numpy() for k, v in state.items()}, "float16").items()}))
         out[name] = {
+            "float16_instruction_bytes": half,
+            "ratio_float16_train_round_over_2x_float32": 2 * half / (2 * size),
             "parameters": sum(v.numel() for v in state.values()),
             "float32_bytes": size,
             "train_instruction_bytes": wire,
@@ -770,6 +776,11 @@ def summary_rows(results: Mapping[str, Any]) -> list[list[str]]:
         rows.append([f"bytes per site per round ({name}, sent + returned) / 2 x float32 size",
                      f"{2 * b['train_instruction_bytes']:,} B", f"{2 * b['float32_bytes']:,} B",
                      f"{b['ratio_train_round_over_2x_float32']:.3f}"])
+        if "float16_instruction_bytes" in b:
+            rows.append([f"the same with transfer-dtype float16 ({name})",
+                         f"{2 * b['float16_instruction_bytes']:,} B",
+                         f"{2 * b['float32_bytes']:,} B",
+                         f"{b['ratio_float16_train_round_over_2x_float32']:.3f}"])
     inf = results["inference"]
     shape = "x".join(map(str, inf["input_shape"]))
     rows += [
@@ -939,10 +950,15 @@ def _md_bytes(results: Mapping[str, Any]) -> list[str]:
                      f"{b['train_instruction_bytes']:,}", f"{b['update_bytes']:,}",
                      f"{b['evaluate_instruction_bytes']:,}",
                      f"{b['ratio_train_round_over_2x_float32']:.4f}",
-                     f"{b['ratio_with_evaluation_over_2x_float32']:.3f}"])
+                     f"{b['ratio_with_evaluation_over_2x_float32']:.3f}",
+                     f"{b.get('float16_instruction_bytes', 0):,}",
+                     f"{b.get('ratio_float16_train_round_over_2x_float32', float('nan')):.4f}"])
     lines += [md_table(["student", "parameters", "float32 bytes", "sent (train)", "returned",
                         "sent (evaluate)", "(sent + returned) / 2x float32",
-                        "with evaluation / 2x float32"], rows, ["l"] + ["r"] * 7), ""]
+                        "with evaluation / 2x float32", "sent, float16",
+                        "float16 (sent + returned) / 2x float32"], rows, ["l"] + ["r"] * 9),
+              "", "`transfer-dtype = \"float16\"` sends and returns the copies in float16 "
+              "(integer arrays unchanged); the server keeps and aggregates float32.", ""]
     if sim and sim["audit_update_bytes"]:
         ups = sim["audit_update_bytes"]
         tiny = results["bytes"].get("student-tiny")

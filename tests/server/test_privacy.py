@@ -236,3 +236,24 @@ def test_dp_strategy_adds_flowers_noise_before_the_checkpoint(tmp_path):
     assert report["privacy"]["epsilon"] == pytest.approx(expected)
     md = paths["markdown"].read_text()
     assert "## Differential privacy" in md and f"({expected:.3g}, 1e-05)-DP" in md
+
+
+def test_a_float16_student_comes_back_in_float16_and_is_clipped_in_float32(tmp_path, big_step):
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from fedbrats.client.app import app
+
+    sent = {k: v.astype(np.float16) for k, v in _sent().items()}
+    plain = app(_train_message(sent, {"server-round": 1}), _site_context(tmp_path))
+    assert plain.content["arrays"]["w"].numpy().dtype == np.float16
+    np.testing.assert_allclose(plain.content["arrays"]["w"].numpy(),
+                               (sent["w"].astype(np.float32) + 1).astype(np.float16))
+    reply = app(_train_message(sent, {"server-round": 1, KEY_CLIPPING_NORM: 2.0}),
+                _site_context(tmp_path))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    out = reply.content["arrays"]
+    assert {out[k].numpy().dtype for k in sent} == {np.dtype(np.float16)}
+    delta = np.concatenate([(out[k].numpy().astype(np.float32) - sent[k].astype(np.float32))
+                            .ravel() for k in sent])
+    # clipped to the norm (up to float16's rounding of the result), not to zero or inf
+    assert np.linalg.norm(delta) == pytest.approx(2.0, rel=2e-3)

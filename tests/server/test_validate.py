@@ -3,6 +3,7 @@ aggregating the others (hand-built Flower messages, no simulation engine)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -277,3 +278,58 @@ def test_a_checkpoint_of_another_network_is_not_resumed(tmp_path):
     with pytest.raises(RuntimeError, match=r"checkpoints: the round-3 student does not fit.*"
                                            r"running_mean: missing"):
         check_resumable(folder, 3, saved, student)
+
+
+# -- transfer-dtype float16 ----------------------------------------------------------------------
+
+
+def test_float16_transfer_sends_half_and_aggregates_in_float32(tmp_path):
+    from fedbrats.common.security.signing import generate_keypair, verify_arrays
+
+    key, public = generate_keypair(tmp_path / "keys")
+    strategy, folder, _ = _strategy(tmp_path, **{"transfer-dtype": "float16",
+                                                 "signing-key": str(key)})
+    sent = {**_global(), "bn.num_batches_tracked": np.asarray(7, np.int64)}
+    record = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    messages = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(NAMES)))
+    wire = messages[0].content["arrays"]
+    assert wire["conv.weight"].numpy().dtype == np.float16
+    assert wire["bn.num_batches_tracked"].numpy().dtype == np.int64  # integers never cast
+    # the signature is over what travels, so a site verifies the float16 copy
+    verify_arrays(wire, messages[0].content["config"]["fedbrats-signature"], public)
+    # three float16 updates whose float16 mean would round: the server averages in float32
+    updates = {n: {k: (np.asarray(v, np.float32) + 1e-3 * n).astype(v.dtype if v.dtype.kind == "i"
+                                                                     else np.float16)
+                   for k, v in sent.items()} for n in NAMES}
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    arrays, _ = strategy.aggregate_train(1, [_reply(by_node[n], updates[n], 0.1) for n in NAMES])
+    assert arrays["conv.weight"].numpy().dtype == np.float32
+    expected = np.mean([updates[n]["conv.weight"].astype(np.float32) for n in NAMES], axis=0)
+    np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert np.abs(arrays["conv.weight"].numpy() - sent["conv.weight"] - 12e-3).max() < 2e-3
+    ckpt = torch.load(folder.path / "checkpoints" / "round-001.pt", weights_only=True)
+    assert ckpt["state_dict"]["conv.weight"].dtype == torch.float32
+    # a float32 reply to a float16 instruction is not what was asked for
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), _Grid(NAMES)))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [_reply(by_node[11], sent, 0.1)] + [_reply(by_node[n], updates[n], 0.1)
+                                                  for n in (12, 13)]
+    strategy.ledger.run = dataclasses.replace(strategy.ledger.run, min_sites=2)
+    strategy.aggregate_train(2, replies)
+    audit = [json.loads(line) for line in (folder.path / "audit.jsonl").read_text().splitlines()]
+    rejected = [e for e in audit if e.get("rejected")]
+    assert any("wrong dtype: expected float16, found float32" in p
+               for p in rejected[0]["rejected"])
+    # the per-round evaluation sends the float16 copy too
+    evals = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), _Grid(NAMES)))
+    assert all(m.content["arrays"]["conv.bias"].numpy().dtype == np.float16 for m in evals)
+
+
+def test_float16_transfer_is_refused_with_secure_aggregation():
+    from fedbrats.common.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="transfer-dtype: expected float32 with secure-agg"):
+        load_run_config({"preset": "tiny", "transfer-dtype": "float16",
+                         "secure-aggregation": "true"})
+    with pytest.raises(ConfigError, match="transfer-dtype: expected float32 or float16"):
+        load_run_config({"preset": "tiny", "transfer-dtype": "bfloat8"})

@@ -181,6 +181,9 @@ def test_perf_figures_are_finite_ratios(perf):
     for b in data["bytes"].values():
         # a record carries the float32 arrays plus a little framing
         assert 1.0 <= b["ratio_train_round_over_2x_float32"] < 1.2
+        assert 0.5 <= b["ratio_float16_train_round_over_2x_float32"] < 0.7  # + framing
+    # byte counts, not timings: the float16 copy of a BraTS-size student is half the bytes
+    assert data["bytes"]["student-gpu"]["ratio_float16_train_round_over_2x_float32"] <= 0.52
     inf = data["inference"]
     assert _finite(inf["ratio_student_over_ensemble"]) and _finite(inf["ratio_predict_over_direct"])
     mem = data["memory"]["peak_mib_after"]
