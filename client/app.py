@@ -90,16 +90,19 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     if not any(a.dtype == np.float16 for a in sent_np.values()):
         return fixedclipping_mod(msg, context, call_next)
 
-    wide = Message(RecordDict({**dict(msg.content.items()), wire.ARRAYS: _as_float32(sent)}),
-                   dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+    # fixedclipping_mod takes the sent arrays before it calls the handler: it is shown a
+    # float32 copy, the handler the student as sent (whose signature it checks)
+    msg.content[wire.ARRAYS] = _as_float32(sent)
 
-    def run_handler(_m: Message, ctx: Context) -> Message:
-        reply = call_next(msg, ctx)  # the handler sees (and verifies) what was sent
+    def run_handler(m: Message, ctx: Context) -> Message:
+        m.content[wire.ARRAYS] = sent
+        reply = call_next(m, ctx)
         if not reply.has_error() and wire.ARRAYS in reply.content.array_records:
             reply.content[wire.ARRAYS] = _as_float32(reply.content[wire.ARRAYS])
         return reply
 
-    reply = fixedclipping_mod(wide, context, run_handler)
+    reply = fixedclipping_mod(msg, context, run_handler)
+    msg.content[wire.ARRAYS] = sent
     if not reply.has_error() and wire.ARRAYS in reply.content.array_records:
         reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
             {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}, sent_np).items()})

@@ -51,13 +51,21 @@ def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return out
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
 def for_transfer(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
-    """The student as it is sent: ``arrays`` itself in float32, else a copy with every
-    floating-point array in ``dtype`` (run setting ``transfer-dtype``)."""
+    """The student as it is sent: ``arrays`` itself in float32, else a copy with its weights
+    in ``dtype`` (run setting ``transfer-dtype``). Batch-norm running statistics (a few values
+    per channel, and variances that can outgrow float16) and any array with a value beyond
+    float16's range stay float32; a site answers each array in the dtype it was sent."""
     if dtype == "float32":
         return arrays
-    return ArrayRecord({k: Array(v) for k, v in cast_floats(
-        {k: a.numpy() for k, a in arrays.items()}, dtype).items()})
+    values = {k: a.numpy() for k, a in arrays.items()}
+    half = cast_floats({k: v for k, v in values.items()
+                        if not is_norm_statistic(k) and v.dtype.kind == "f"
+                        and (v.size == 0 or float(np.abs(v).max()) <= FLOAT16_MAX)}, dtype)
+    return ArrayRecord({k: Array(half.get(k, v)) for k, v in values.items()})
 
 
 class RecordingMixin:
@@ -112,11 +120,6 @@ class RecordingMixin:
             ledger.no_reply("round", rnd, node, reason)
         replies = [m for m in replies if not m.has_error()]
         replies = [m for m in replies if self._valid_update(rnd, m)]
-        if self.sent_wire is not self.sent_arrays and self.sent_arrays is not None:
-            for m in replies:  # aggregate in the student's own precision
-                m.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
-                    {k: a.numpy() for k, a in m.content[ARRAYS].items()},
-                    {k: a.numpy() for k, a in self.sent_arrays.items()}).items()})
         if len(replies) < run.required_sites:
             who = ", ".join(ledger.site_of(m.metadata.src_node_id) for m in replies) or "none"
             ledger.fail(rnd, f"round {rnd}: {len(replies)} of {run.num_sites} sites replied "
@@ -130,6 +133,11 @@ class RecordingMixin:
             if run.keep_site_updates:
                 ledger.folder.save_site_update(rnd, site, {
                     k: v.numpy() for k, v in msg.content[ARRAYS].items()})
+        if self.sent_wire is not self.sent_arrays and self.sent_arrays is not None:
+            for m in replies:  # aggregate in the student's own precision
+                m.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
+                    {k: a.numpy() for k, a in m.content[ARRAYS].items()},
+                    {k: a.numpy() for k, a in self.sent_arrays.items()}).items()})
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics

@@ -451,10 +451,10 @@ def _wire_bytes(obj) -> int:
 
 
 def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import ArrayRecord
 
     from fedbrats.common.networks.models import new_student
-    from fedbrats.common.utils.arrays import cast_floats
+    from fedbrats.server.strategy import for_transfer
 
     out = {}
     for name in students:
@@ -463,8 +463,7 @@ def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
         size = sum(v.numel() * 4 for v in state.values())
         wire = _wire_bytes(ArrayRecord(state))  # the student sent, and the update returned
         # transfer-dtype float16: the copy the strategy sends, and a site returns
-        half = _wire_bytes(ArrayRecord({k: Array(v) for k, v in cast_floats(
-            {k: v.numpy() for k, v in state.items()}, "float16").items()}))
+        half = _wire_bytes(for_transfer(ArrayRecord(state), "float16"))
         out[name] = {
             "float16_instruction_bytes": half,
             "ratio_float16_train_round_over_2x_float32": 2 * half / (2 * size),

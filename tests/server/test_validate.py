@@ -289,17 +289,20 @@ def test_float16_transfer_sends_half_and_aggregates_in_float32(tmp_path):
     key, public = generate_keypair(tmp_path / "keys")
     strategy, folder, _ = _strategy(tmp_path, **{"transfer-dtype": "float16",
                                                  "signing-key": str(key)})
-    sent = {**_global(), "bn.num_batches_tracked": np.asarray(7, np.int64)}
+    sent = _with_norm_statistics(_global(), 0.5, 1e6, 7)
+    sent["big.weight"] = np.array([1.0, 7e4], np.float32)  # beyond float16's range
     record = ArrayRecord({k: Array(v) for k, v in sent.items()})
     messages = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(NAMES)))
     wire = messages[0].content["arrays"]
     assert wire["conv.weight"].numpy().dtype == np.float16
     assert wire["bn.num_batches_tracked"].numpy().dtype == np.int64  # integers never cast
+    # batch-norm statistics (a variance can outgrow float16) and out-of-range arrays: float32
+    assert {wire[k].numpy().dtype for k in ("bn.running_var", "bn.running_mean", "big.weight")} \
+        == {np.dtype(np.float32)}
     # the signature is over what travels, so a site verifies the float16 copy
     verify_arrays(wire, messages[0].content["config"]["fedbrats-signature"], public)
     # three float16 updates whose float16 mean would round: the server averages in float32
-    updates = {n: {k: (np.asarray(v, np.float32) + 1e-3 * n).astype(v.dtype if v.dtype.kind == "i"
-                                                                     else np.float16)
+    updates = {n: {k: (np.asarray(v, np.float32) + 1e-3 * n).astype(wire[k].numpy().dtype)
                    for k, v in sent.items()} for n in NAMES}
     by_node = {m.metadata.dst_node_id: m for m in messages}
     arrays, _ = strategy.aggregate_train(1, [_reply(by_node[n], updates[n], 0.1) for n in NAMES])

@@ -28,15 +28,19 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
-def test_signed_private_run(data, secure):
+@pytest.mark.parametrize(("secure", "dtype"), [(False, "float32"), (True, "float32"),
+                                             (False, "float16")],
+                         ids=["plain", "secagg", "plain-float16"])
+def test_signed_private_run(data, secure, dtype):
+    import torch
+
     from fedbrats.common.security.signing import generate_keypair, verify_file
 
-    out = data / ("secagg" if secure else "plain")
+    out = data / f"{'secagg' if secure else 'plain'}-{dtype}"
     private, public = generate_keypair(out / "keys")
     result = run_simulation(out / "run", data / "data", num_sites=3, preset="tiny",
                             overrides={"signing-key": str(private), "dp-noise-multiplier": 0.5,
-                                       "dp-clipping-norm": 5.0,
+                                       "dp-clipping-norm": 5.0, "transfer-dtype": dtype,
                                        "secure-aggregation": "true" if secure else "false"},
                             stream=False)
     assert result.returncode == 0, (out / "run" / "flwr-run.log").read_text()[-3000:]
@@ -57,3 +61,10 @@ def test_signed_private_run(data, secure):
     else:
         assert all(e["arrays"] for e in rounds)
     assert set(report["sites"]) == set(SITES)
+    # the server keeps float32 whatever travels; in float16 the updates are half the bytes
+    state = torch.load(run_dir / "checkpoints" / "round-002.pt", weights_only=True)["state_dict"]
+    float32_bytes = sum(v.numel() * 4 for v in state.values())
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    if not secure:
+        ratio = max(e["bytes"] for e in rounds) / float32_bytes
+        assert (0.5 <= ratio < 0.7) if dtype == "float16" else (1.0 <= ratio < 1.2)
