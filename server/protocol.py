@@ -15,6 +15,7 @@ from flwr.common import log as flwr_log
 
 from fedbrats.common.config import RunConfig
 from fedbrats.common.networks.models import new_student
+from fedbrats.common.utils.arrays import is_norm_statistic
 from fedbrats.server.state import RunFolder
 from fedbrats.server.validate import check_update, format_problems
 
@@ -80,15 +81,6 @@ def parse_scores(metrics: Mapping[str, float]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = float(value)
     return out
-
-
-NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-"""Buffers of batch-norm layers: statistics of the sites' data, not parameters."""
-
-
-def is_norm_statistic(name: str) -> bool:
-    """Whether the state-dict entry ``name`` is a batch-norm running statistic."""
-    return name.rsplit(".", 1)[-1] in NORM_STATISTICS
 
 
 def settle_norm_statistics(aggregated: Mapping[str, np.ndarray],

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbrats.common.config import RunConfig
-from fedbrats.common.utils.arrays import cast_floats, cast_like
+from fedbrats.common.utils.arrays import cast_like, transfer_copy
 from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
 from fedbrats.server.ledger import RoundLedger
 from fedbrats.server.protocol import (
@@ -51,21 +51,13 @@ def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return out
 
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
 def for_transfer(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
-    """The student as it is sent: ``arrays`` itself in float32, else a copy with its weights
-    in ``dtype`` (run setting ``transfer-dtype``). Batch-norm running statistics (a few values
-    per channel, and variances that can outgrow float16) and any array with a value beyond
-    float16's range stay float32; a site answers each array in the dtype it was sent."""
+    """The student as it is sent (:func:`~fedbrats.common.utils.arrays.transfer_copy`):
+    ``arrays`` itself in float32; a site answers each array in the dtype it was sent."""
     if dtype == "float32":
         return arrays
-    values = {k: a.numpy() for k, a in arrays.items()}
-    half = cast_floats({k: v for k, v in values.items()
-                        if not is_norm_statistic(k) and v.dtype.kind == "f"
-                        and (v.size == 0 or float(np.abs(v).max()) <= FLOAT16_MAX)}, dtype)
-    return ArrayRecord({k: Array(half.get(k, v)) for k, v in values.items()})
+    return ArrayRecord({k: Array(v) for k, v in transfer_copy(
+        {k: a.numpy() for k, a in arrays.items()}, dtype).items()})
 
 
 class RecordingMixin:

@@ -14,7 +14,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cast_floats", "cast_like", "to_numpy", "to_tensors"]
+__all__ = ["NORM_STATISTICS", "cast_floats", "cast_like", "is_norm_statistic", "to_numpy",
+           "to_tensors", "transfer_copy"]
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -57,3 +58,31 @@ def cast_like(arrays: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[s
         ref = to_numpy(reference[k]).dtype if k in reference else a.dtype
         out[k] = a.astype(ref) if a.dtype.kind == "f" and ref.kind == "f" and a.dtype != ref else a
     return out
+
+
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+"""Buffers of batch-norm layers: statistics of the sites' data, not parameters."""
+
+
+def is_norm_statistic(name: str) -> bool:
+    """Whether the state-dict entry ``name`` is a batch-norm running statistic."""
+    return name.rsplit(".", 1)[-1] in NORM_STATISTICS
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def transfer_copy(arrays: Mapping[str, Any], dtype: str) -> dict[str, np.ndarray]:
+    """The student as it travels with run setting ``transfer-dtype``: its weights in ``dtype``.
+
+    Batch-norm running statistics (a few values per channel, and variances that can outgrow
+    float16) and any array with a value beyond float16's range stay as they are; so do integer
+    arrays. ``float32`` returns the arrays unchanged.
+    """
+    values = {k: to_numpy(v) for k, v in arrays.items()}
+    if np.dtype(dtype) == np.float32:
+        return values
+    half = cast_floats({k: v for k, v in values.items()
+                        if not is_norm_statistic(k) and v.dtype.kind == "f"
+                        and (v.size == 0 or float(np.abs(v).max()) <= FLOAT16_MAX)}, dtype)
+    return {k: half.get(k, v) for k, v in values.items()}

@@ -104,6 +104,7 @@ METHODS: dict[str, str] = {
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
     "trust_region": "student, distillation per region weighted by teacher trust",
+    "student_fp16": "student, transfer-dtype float16",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -122,6 +123,7 @@ DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
     "trust": {"kd_trust": "site"},
     "trust_region": {"kd_trust": "region"},
+    "student_fp16": {"transfer_dtype": "float16"},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
 preset's settings that gives them)."""
@@ -152,7 +154,8 @@ KEPT_METRICS = ("dice", "hd95", "lesion_dice", "lesion_hd95", "volume_ratio")
 predicted over the true volume (under 1: under-segmentation)."""
 
 KEY_OMITS_WHEN_OFF: dict[str, Any] = {"teacher_warm_rounds": 0, "student_init": "new",
-                                      "baseline": "", "kd_trust": "none"}
+                                      "baseline": "", "kd_trust": "none",
+                                      "transfer_dtype": "float32"}
 """Run settings added after parts were stored, with their "off" value: left out of a part's key
 while they are off, so that the parts made before stay valid."""
 
@@ -347,12 +350,33 @@ def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
     state = {k: v.detach().clone() for k, v in start.items()}
     updates: dict[str, dict] = {}
     for rnd in range(1, run.num_rounds + 1):
-        updates = {p: dict(local(site, state, rnd)) for p, site in sites.items()}
-        state = weighted_mean([updates[p] for p in sites], [weights[p] for p in sites])
+        sent = _travelling(state, run.transfer_dtype)
+        # a site answers in the precision it was sent; the server averages in float32
+        updates = {p: _travelling(dict(local(site, sent, rnd)), sent) for p, site in sites.items()}
+        state = _travelling(weighted_mean([updates[p] for p in sites],
+                                          [weights[p] for p in sites]), state)
         if after_round is not None:
             after_round(rnd, state)
         log.info("  round %d/%d done", rnd, run.num_rounds)
     return state, updates
+
+
+def _travelling(state: Mapping[str, torch.Tensor], like: str | Mapping[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """``state`` as the run's ``transfer-dtype`` sends it (``like`` a dtype name), or cast
+    like another state dict: what the strategy and the sites do to the arrays."""
+    import numpy as np
+    import torch
+
+    from fedbrats.common.utils.arrays import cast_like, transfer_copy
+
+    if isinstance(like, str):
+        if like == "float32":
+            return dict(state)
+        arrays = transfer_copy(state, like)
+    else:
+        arrays = cast_like(state, like)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
 def warm_start(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, torch.Tensor]:
