@@ -314,8 +314,18 @@ def main(grid: Grid, context: Context) -> None:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     phase_seconds: dict[str, float] = folder.read_json("phases.json", {})
 
+    def progress(phase: str) -> None:
+        state = folder.read_json("progress.json", {})
+        phases = state.get("phases", [])
+        if not phases or phases[-1][0] != phase:
+            phases.append([phase, time.time()])
+        folder.write_json("progress.json", {"phase": phase, "since": phases[-1][1],
+                                            "rounds": run.num_rounds, "phases": phases})
+
     def timed(phase: str, fn, *args, accumulate: bool = True):
         t0 = time.monotonic()
+        # what `fedbrats simulate`'s progress display reads (with rounds.json)
+        progress(phase)
         out = fn(*args)
         before = phase_seconds.get(phase, 0.0) if accumulate else 0.0
         phase_seconds[phase] = before + time.monotonic() - t0
@@ -332,6 +342,7 @@ def main(grid: Grid, context: Context) -> None:
           signer, baseline, accumulate=False)
     report(run, folder, sites, started, phase_seconds,
            {"server": code_location(), "sites": codes})
+    progress("done")
 
 
 __all__ = ["app", "distil", "evaluate_final", "query_sites", "report", "train_baseline",

@@ -8,6 +8,7 @@ at the end, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedbrats.simulation.progress import ProgressDisplay
 
 MIN_DEMO_CASES = 6
 """Cases per population at least, when phantoms are generated: 4 to train, 2 to validate."""
@@ -173,8 +176,14 @@ def run_simulation(
     gpus_per_site: float = 0.0,
     stream: bool = True,
     app_dir: Path | None = None,
+    progress: bool = False,
 ) -> SimulationResult:
-    """Run the protocol in simulation; returns when the run (and every process) has ended."""
+    """Run the protocol in simulation; returns when the run (and every process) has ended.
+
+    ``stream``: Flower's and Ray's output to this process's terminal; otherwise (and always in
+    ``output_dir/flwr-run.log``) to the log file. ``progress``: print
+    :class:`~fedbrats.simulation.progress.ProgressDisplay` while the run goes on.
+    """
     out = Path(output_dir).resolve()
     data = Path(data_root).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +221,9 @@ def run_simulation(
         cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
                "-c", run_args,
                "--stream"]
-        with (out / "flwr-run.log").open("a") as run_log:
+        (out / "progress.json").unlink(missing_ok=True)  # a finished run's, if resumed
+        display = ProgressDisplay(out) if progress else contextlib.nullcontext()
+        with (out / "flwr-run.log").open("a") as run_log, display:
             proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
                                   stdout=None if stream else run_log,
                                   stderr=None if stream else subprocess.STDOUT)
@@ -256,11 +267,20 @@ def _run(args) -> int:
         print(f"no data in {data}: generating the five-population phantom set")
         counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
         write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
+    print(f"run folder {Path(args.out).resolve()}; Flower's and Ray's log: "
+          f"{Path(args.out).resolve() / 'flwr-run.log'}" + ("" if not args.verbose else
+                                                           " (and below: --verbose)"))
     result = run_simulation(args.out, data, num_sites=sites, preset=args.preset,
                             overrides=overrides, cpus_per_site=args.cpus_per_site,
-                            gpus_per_site=args.gpus_per_site)
+                            gpus_per_site=args.gpus_per_site, stream=args.verbose,
+                            progress=not args.verbose)
     if result.returncode != 0 or result.report is None:
-        print(f"simulation failed (exit {result.returncode}); logs above, run folder "
+        log = result.output_dir / "flwr-run.log"
+        if not args.verbose and log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            print("\n".join(["", f"--- the last lines of {log} ---", *tail, "---"]),
+                  file=sys.stderr)
+        print(f"simulation failed (exit {result.returncode}); log {log}, run folder "
               f"{result.output_dir}", file=sys.stderr)
         return result.returncode or 1
     from fedbrats.server.report import summary_table
@@ -303,6 +323,9 @@ def register_simulate(subparsers) -> None:
                    help="CPU cores Ray gives each virtual site (default: %(default)s)")
     p.add_argument("--gpus-per-site", type=float, default=0.0,
                    help="GPU share per virtual site, e.g. 0.2 (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Flower's and Ray's own output instead of the progress display "
+                   "(it is always in the run folder's flwr-run.log)")
     p.set_defaults(func=_run)
 
 

@@ -111,12 +111,33 @@ def test_no_process_left_behind(sim):
     assert out.stdout.strip() == ""
 
 
-def test_restart_resumes_from_the_last_round_and_reuses_teachers(sim):
+def test_restart_resumes_from_the_last_round_and_reuses_teachers(sim, capfd):
+    """Started again through `fedbrats simulate`, as a person would: the terminal shows the
+    progress display, not Flower's or Ray's output (which goes to flwr-run.log)."""
+    from fedbrats.common.cli import main
+
     root, first = sim
     teacher_mtime = (first.output_dir / "sites" / "SSA" / "teacher.pt").stat().st_mtime
-    result = run_simulation(root / "run", root / "data", num_sites=3, preset="tiny",
-                            overrides={"num-rounds": 3}, stream=False)
-    assert result.returncode == 0
+    log_size = (first.output_dir / "flwr-run.log").stat().st_size
+    code = main(["simulate", "--out", str(root / "run"), "--data", str(root / "data"),
+                 "--preset", "tiny", "--sites", "3", "--set", "num-rounds=3"])
+    shown = capfd.readouterr()
+    assert code == 0, shown.err[-3000:]
+    result = first
+    terminal = shown.out + shown.err
+    assert "phase 1: teachers done in" in terminal
+    assert "phase 2: distillation done in" in terminal and "(3/3 rounds)" in terminal
+    rounds = json.loads((first.output_dir / "rounds.json").read_text())
+    evaluated = [r["round"] for r in rounds if r.get("evaluate")]
+    assert 3 in evaluated  # the last round is always evaluated
+    for rnd in evaluated:  # every evaluated round's WT Dice, site by site
+        wt = "  ".join(f"{s} {r['evaluate'][s]['WT']['dice']:.3f}" for r in rounds
+                       if r["round"] == rnd for s in r["evaluate"])
+        assert f"round {rnd}/" in terminal and wt in terminal, terminal[:3000]
+    assert "final evaluation" in terminal and "report:" in terminal
+    for noise in ("INFO", "WARNING", "FutureWarning", "raylet", "Successfully installed"):
+        assert noise not in terminal, noise
+    assert (first.output_dir / "flwr-run.log").stat().st_size > log_size  # they went here
     rounds = json.loads((result.output_dir / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2, 3]
     sites = json.loads((result.output_dir / "sites.json").read_text())
