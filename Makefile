@@ -18,12 +18,15 @@ help:
 	@echo "make docs-images  regenerate docs/img/phantom-*.png"
 
 # torch 2.13.0 first: on a CPU-only host that pin takes the CPU wheel instead of the CUDA stack.
+# pip's own output (and the build's warnings) go to $(VENV)/install.log; shown if it fails.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	@echo "setting up $(VENV) (a few minutes the first time; log: $(VENV)/install.log)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@( $(PY) -m pip install -q --upgrade pip && \
+	   $(PY) -m pip install -q torch==2.13.0 && \
+	   $(PY) -m pip install -q -e ".[dev]" ) > $(VENV)/install.log 2>&1 || \
+	 { tail -n 40 $(VENV)/install.log; echo "installing failed; log: $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
