@@ -100,6 +100,9 @@ class RecordingMixin:
         self.sent_wire = wire = for_transfer(arrays, self.ledger.run.transfer_dtype)
         self.ledger.sign_into(wire, config)
         messages = list(super().configure_train(server_round, wire, config, grid))
+        if wire is not arrays and getattr(self, "current_arrays", None) is not None:
+            # FedAdam steps from the global student it keeps: the float32 one, not the copy sent
+            self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
         self._sent()[("round", server_round)] = messages  # message ids are set when sent
         return messages
 

@@ -336,3 +336,18 @@ def test_float16_transfer_is_refused_with_secure_aggregation():
                          "secure-aggregation": "true"})
     with pytest.raises(ConfigError, match="transfer-dtype: expected float32 or float16"):
         load_run_config({"preset": "tiny", "transfer-dtype": "bfloat8"})
+
+
+def test_float16_transfer_with_fedadam_steps_from_the_float32_student(tmp_path):
+    strategy, _, _ = _strategy(tmp_path, strategy="fedadam", **{"transfer-dtype": "float16"})
+    sent = _global()
+    record = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    messages = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(NAMES)))
+    assert messages[0].content["arrays"]["conv.weight"].numpy().dtype == np.float16
+    np.testing.assert_array_equal(strategy.current_arrays["conv.weight"], sent["conv.weight"])
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    same = {k: v.astype(np.float16) for k, v in sent.items()}
+    arrays, _ = strategy.aggregate_train(1, [_reply(by_node[n], same, 0.1) for n in NAMES])
+    assert arrays["conv.weight"].numpy().dtype == np.float32
+    # the sites sent back what they got: the step is the float16 rounding, nothing more
+    assert np.abs(arrays["conv.weight"].numpy() - sent["conv.weight"]).max() < 0.05
