@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbrats.common.config import RunConfig
-from fedbrats.common.utils.arrays import cast_like, transfer_copy
+from fedbrats.common.utils.arrays import transfer_copy
 from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
 from fedbrats.server.ledger import RoundLedger
 from fedbrats.server.protocol import (
@@ -130,9 +130,7 @@ class RecordingMixin:
                     k: v.numpy() for k, v in msg.content[ARRAYS].items()})
         if self.sent_wire is not self.sent_arrays and self.sent_arrays is not None:
             for m in replies:  # aggregate in the student's own precision
-                m.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in cast_like(
-                    {k: a.numpy() for k, a in m.content[ARRAYS].items()},
-                    {k: a.numpy() for k, a in self.sent_arrays.items()}).items()})
+                m.content[ARRAYS] = _like(m.content[ARRAYS], self.sent_arrays)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
