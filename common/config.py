@@ -89,8 +89,9 @@ class RunConfig:
     feature_weight: float = 0.1
     temperature: float = 2.0
     feature_kind: str = "mse"
-    kd_trust: str = "none"
-    """How much a site's distillation terms count: ``none`` fully; ``site``: by how its teacher
+    kd_trust: str = "region"
+    """How much a site's distillation terms count (default ``region``; README, "The method"):
+    ``none`` fully; ``site``: by how its teacher
     compares with the global student it is sent, on the site's validation cases (mean Dice of
     WT, TC and ET): weight ``clip(0.5 + (teacher - student) / 0.1, 0, 1)``, so a teacher 0.05
     ahead counts fully and one 0.05 behind not at all (then the labels alone train);
@@ -212,6 +213,9 @@ class RunConfig:
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
         need(self.kd_trust in KD_TRUSTS, "kd_trust", " or ".join(KD_TRUSTS))
+        need(not (self.kd_mask != "none" and self.kd_trust == "region"), "kd_mask",
+             'none with kd-trust region (the region terms weight the whole volume; set '
+             'kd-trust to "site" or "none" to mask by the teacher)')
         need(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
              " or ".join(TRANSFER_DTYPES))
         need(not (self.secure_aggregation and self.transfer_dtype != "float32"),

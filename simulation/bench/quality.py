@@ -90,21 +90,21 @@ METHODS: dict[str, str] = {
     "centralised": "centralised, pooled",
     "centralised_nodrop": "centralised, no modality dropout",
     "student": "fedbrats student",
+    "no_trust": "student, distillation not weighted (kd-trust none)",
     "no_feature_kd": "student, no feature KD",
     "no_logit_kd": "student, no logit KD",
     "case_weighted": "student, case-weighted mean",
-    "kd_correct": "student, logit KD only where the teacher is right",
-    "kd_correct_nofeat": "student, KD where the teacher is right, no feature KD",
+    "kd_correct": "student, logit KD only where the teacher is right (kd-trust none)",
+    "kd_correct_nofeat": "student, KD where the teacher is right, no feature KD (kd-trust none)",
     "warm_teacher": "teachers from a federated warm start",
     "warm_student": "student of the warm-started teachers",
     "warm_ensemble": "ensemble of the warm-started teachers",
-    "fedkd": "student from a FedAvg warm start, its fine-tuned teachers",
+    "fedkd": "student from a FedAvg warm start, its fine-tuned teachers (kd-trust none)",
     "fedkd_teacher": "teachers fine-tuned from the FedAvg warm start",
     "fedkd_ensemble": "ensemble of the fine-tuned warm-start teachers",
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
-    "trust_region": "student, distillation per region weighted by teacher trust",
-    "student_fp16": "student, transfer-dtype float16",
+    "student_fp16": "student (kd-trust none), transfer-dtype float16",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -113,20 +113,24 @@ DECIDING: tuple[str, ...] = ("teacher", "ensemble", "fedavg", "student")
 
 DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "student": {},
+    "no_trust": {"kd_trust": "none"},
     "no_feature_kd": {"feature_weight": 0.0},
     "no_logit_kd": {"logit_weight": 0.0},
     "case_weighted": {"aggregation": "cases"},
-    "kd_correct": {"kd_mask": "teacher-correct"},
-    "kd_correct_nofeat": {"kd_mask": "teacher-correct", "feature_weight": 0.0},
+    "kd_correct": {"kd_mask": "teacher-correct", "kd_trust": "none"},
+    "kd_correct_nofeat": {"kd_mask": "teacher-correct", "feature_weight": 0.0,
+                          "kd_trust": "none"},
     "warm_student": lambda run: warm_split(run),
-    "fedkd": lambda run: fedkd_split(run),
+    "fedkd": lambda run: {**fedkd_split(run), "kd_trust": "none"},
     "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
     "trust": {"kd_trust": "site"},
-    "trust_region": {"kd_trust": "region"},
-    "student_fp16": {"transfer_dtype": "float16"},
+    "student_fp16": {"transfer_dtype": "float16", "kd_trust": "none"},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
-preset's settings that gives them)."""
+preset's settings that gives them). The student of the presets weights its distillation by
+region trust (``kd_trust = "region"``); ``fedkd`` and ``student_fp16`` were measured against the
+student before that and keep its ``kd_trust = "none"``, as the teacher-correct mask must (it
+cannot be combined with region trust)."""
 
 
 def fedkd_split(run: RunConfig) -> dict[str, Any]:
@@ -158,6 +162,14 @@ KEY_OMITS_WHEN_OFF: dict[str, Any] = {"teacher_warm_rounds": 0, "student_init": 
                                       "transfer_dtype": "float32"}
 """Run settings added after parts were stored, with their "off" value: left out of a part's key
 while they are off, so that the parts made before stay valid."""
+
+DISTILLATION_ONLY: tuple[str, ...] = ("logit_weight", "feature_weight", "temperature",
+                                      "feature_kind", "kd_mask", "kd_trust")
+"""Run settings that only a distillation method reads (left out of the other methods' keys)."""
+
+OWN_TEACHERS_OF: dict[str, str] = {"warm_teacher": "warm_student", "warm_ensemble": "warm_student",
+                                   "fedkd_teacher": "fedkd", "fedkd_ensemble": "fedkd"}
+"""The distillation variant whose teachers each ``*_teacher`` / ``*_ensemble`` method scores."""
 
 CURVE_CASES = 3
 """Test cases per population of the per-round curves (Dice every ``curve_every`` rounds)."""
@@ -207,18 +219,40 @@ class QualitySettings:
 
         return {p: max(n, self.min_train) for p, n in case_counts(self.train_largest).items()}
 
-    def key(self, seed: int) -> str:
-        """What a part's scores depend on, but the seed: the data and the run settings (the
-        same for every seed of one fraction, so that the report can group the parts by it)."""
-        run = dataclasses.asdict(self.run(seed))
+    def method_run(self, seed: int, method: str) -> RunConfig:
+        """The run settings ``method`` trains with: the preset's, with the method's changes
+        (a distillation variant's, or those of the variant whose teachers it scores)."""
+        run = self.run(seed)
+        changes = DISTILLATION_VARIANTS.get(method, DISTILLATION_VARIANTS.get(
+            OWN_TEACHERS_OF.get(method, ""), {}))
+        if callable(changes):
+            changes = changes(run)
+        return dataclasses.replace(run, **changes)
+
+    def key(self, seed: int, method: str) -> str:
+        """What ``method``'s part depends on, but the seed: the data and the settings the method
+        trains with. A labels-only or teacher method leaves out :data:`DISTILLATION_ONLY`, so
+        that a change to the preset's distillation does not make its parts stale."""
+        run = dataclasses.asdict(self.method_run(seed, method))
         for k in ("seed", "output_dir", "data_root", "device", "eval_every", "keep_site_updates"):
             run.pop(k, None)
+        if method not in DISTILLATION_VARIANTS:
+            for k in DISTILLATION_ONLY:
+                run.pop(k, None)
         for k, off in KEY_OMITS_WHEN_OFF.items():  # parts made before they existed stay valid
             if run.get(k) == off:
                 run.pop(k, None)
-        data = {k: getattr(self, k) for k in ("shape", "train_largest", "min_train",
-                                               "test_cases", "data_seed", "test_seed")}
-        text = json.dumps({"run": run, "data": data}, sort_keys=True, default=str)
+        text = json.dumps({"run": run, "data": self._data()}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _data(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("shape", "train_largest", "min_train",
+                                              "test_cases", "data_seed", "test_seed")}
+
+    def group(self) -> str:
+        """What the parts of one report group share: the preset, the fraction and the data."""
+        text = json.dumps({"preset": self.preset, "fraction": self.fraction,
+                           "data": self._data()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -713,7 +747,7 @@ def distillation_part(ctx: SeedRun, method: str, changes: Mapping[str, Any]) -> 
 
     if callable(changes):
         changes = changes(ctx.run)
-    run = dataclasses.replace(ctx.run, **changes)
+    run = ctx.settings.method_run(ctx.seed, method)
     sites = _with_teacher(ctx.teachers_for(run), ctx.folder / method)
     if run.aggregation == "cases":
         weights = {p: float(len(load_site_data(s, run).train_cases)) for p, s in sites.items()}
@@ -745,7 +779,7 @@ def _own_teacher_parts(ctx: SeedRun, variant: str) -> dict[str, Part]:
     from fedbrats.client.teacher import load_teacher
 
     prefix = variant.removesuffix("_student")
-    run = dataclasses.replace(ctx.run, **DISTILLATION_VARIANTS[variant](ctx.run))
+    run = ctx.settings.method_run(ctx.seed, variant)
     t0 = time.perf_counter()
     sites = ctx.teachers_for(run)
     train_s = time.perf_counter() - t0
@@ -798,7 +832,7 @@ class PartStore:
         if not path.exists():
             return None
         part = json.loads(path.read_text())
-        if part.get("key") != settings.key(seed):
+        if part.get("key") != settings.key(seed, method):
             log.warning("%s was made with other settings; it is run again", path)
             return None
         return part
@@ -807,7 +841,8 @@ class PartStore:
         path = self.path(settings.fraction, seed, method)
         path.parent.mkdir(parents=True, exist_ok=True)
         full = {"method": method, "seed": seed, "fraction": settings.fraction,
-                "preset": settings.preset, "key": settings.key(seed), **part}
+                "preset": settings.preset, "group": settings.group(),
+                "key": settings.key(seed, method), **part}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(full, indent=1, default=float))
         tmp.replace(path)
@@ -815,6 +850,22 @@ class PartStore:
     def all(self) -> list[Part]:
         """Every stored part, whatever its settings (the report groups them)."""
         return [json.loads(p.read_text()) for p in sorted(self.root.glob("f*/seed-*/*.json"))]
+
+    def current(self, settings: QualitySettings) -> list[Part]:
+        """Every stored part but those of ``settings``' preset and data that its methods'
+        settings no longer give (stale: left out of the report, and made again when run)."""
+        out = []
+        for part in self.all():
+            at = dataclasses.replace(settings, fraction=part["fraction"])
+            if part.get("group") == at.group() and (
+                    part["method"] not in METHODS
+                    or part["key"] != at.key(int(part["seed"]), part["method"])):
+                log.warning("%s: made with other settings than method %s has now; left out "
+                            "of the report", self.path(part["fraction"], part["seed"],
+                                                        part["method"]), part["method"])
+                continue
+            out.append(part)
+        return out
 
 
 def run_methods(settings: QualitySettings, methods: Sequence[str], store: PartStore,
@@ -860,7 +911,7 @@ def run_quality(settings: QualitySettings, methods: Sequence[str], out_dir: Path
         with torch_threads(threads):
             run_methods(settings, methods, store, work)
     machine = {**machine, "load_average_end": machine_info()["load_average"]}
-    return write_report(store.all(), out_dir, command, time.perf_counter() - start, machine,
+    return write_report(store.current(settings), out_dir, command, time.perf_counter() - start, machine,
                         prefix, settings)
 
 

@@ -1,7 +1,7 @@
 """The report of ``fedbrats bench quality``: every stored part merged into tables and charts.
 
-Parts are grouped by their settings (preset, fraction and the settings key); within a group each
-method has the seeds it was run for. Cells are mean +/- sd over seeds of a population's mean over
+Parts are grouped by preset, fraction and data; within a group each method has the seeds it was
+run for (with the settings its key records). Cells are mean +/- sd over seeds of a population's mean over
 its test cases; *paired* differences are taken per seed (the same teachers, data split and test
 cases) and then summarised over the seeds both methods share.
 """
@@ -35,11 +35,12 @@ fall below its own site's teacher."""
 
 
 class Group:
-    """The parts of one (preset, fraction, settings key): method -> seed -> part."""
+    """The parts of one (preset, fraction, data): method -> seed -> part."""
 
     def __init__(self, parts: Sequence[Part]) -> None:
         first = parts[0]
-        self.preset, self.fraction, self.key = first["preset"], first["fraction"], first["key"]
+        self.preset, self.fraction = first["preset"], first["fraction"]
+        self.key = first.get("group", first["key"])
         self.parts: dict[str, dict[int, Part]] = {}
         for p in parts:
             self.parts.setdefault(p["method"], {})[int(p["seed"])] = p
@@ -110,7 +111,7 @@ def group_parts(parts: Sequence[Part]) -> list[Group]:
     """The parts grouped by settings, the full schedule first."""
     by: dict[tuple, list[Part]] = {}
     for p in parts:
-        by.setdefault((p["preset"], p["fraction"], p["key"]), []).append(p)
+        by.setdefault((p["preset"], p["fraction"], p.get("group", p["key"])), []).append(p)
     groups = [Group(v) for v in by.values()]
     return sorted(groups, key=lambda g: (-g.fraction, g.preset, g.key))
 
@@ -231,9 +232,20 @@ def cross_table(g: Group) -> str:
     return md_table(header, rows, ["l"] + ["c"] * (len(header) - 1))
 
 
+SUBSET_METHODS = ("student", "no_trust")
+"""Where the missing-contrast scores are taken from: the first of these whose parts have them
+(the preset's student makes them; its parts from before the change of default are ``no_trust``)."""
+
+
+def subset_method(g: Group) -> str | None:
+    return next((m for m in SUBSET_METHODS
+                 if any("subsets" in p for p in g.parts.get(m, {}).values())), None)
+
+
 def subset_means(g: Group) -> dict[str, dict[str, dict[str, float]]]:
     """subset -> population (and "mean") -> region -> the student's Dice over seeds."""
-    runs = [p for p in g.parts.get("student", {}).values() if "subsets" in p]
+    method = subset_method(g)
+    runs = [p for p in g.parts.get(method or "", {}).values() if "subsets" in p]
     out: dict[str, dict[str, dict[str, float]]] = {}
     if not runs:
         return out
@@ -388,8 +400,8 @@ def _setup_lines(settings: QualitySettings) -> list[str]:
         f"x {run.local_steps} local steps, lr {run.student_lr:g} {run.lr_schedule}), "
         f"{run.spacing:g} mm grid, crops {run.patch_size}^3, batch {run.batch_size}; {drop} for "
         f"every student; losses: supervised {run.supervised_weight:g}, logit "
-        f"{run.logit_weight:g} (T = {run.temperature:g}, mask {run.kd_mask}), feature "
-        f"{run.feature_weight:g} ({run.feature_kind}); FedProx mu {run.proximal_mu:g}. "
+        f"{run.logit_weight:g} (T = {run.temperature:g}, mask {run.kd_mask}, kd-trust "
+        f"{run.kd_trust}), feature {run.feature_weight:g} ({run.feature_kind}); FedProx mu {run.proximal_mu:g}. "
         f"Compute-matched FedAvg: {compute_matched_rounds(run)} rounds. A group at a fraction "
         "of the schedule scales teacher epochs and rounds alike.",
         "- **In-process federation**: the federated methods call every site's local training "
@@ -437,7 +449,8 @@ def _group_lines(g: Group, paths: Mapping[str, Path], index: int) -> list[str]:
                   "", cross_table(g), ""]
     if subset_table(g):
         lines += ["### The student with missing contrasts", "",
-                  "WT / TC / ET Dice with only these contrasts given (others zero-filled).", "",
+                  f"{METHODS[subset_method(g)]}: WT / TC / ET Dice with only these contrasts "
+                  "given (others zero-filled).", "",
                   subset_table(g), ""]
     lines += ["### MET lesion-wise (BraTS 2023: dilation 1, lesions over 2 mm^3)", "",
               lesion_table(g, "MET"), ""]

@@ -47,6 +47,7 @@ def test_eval_every_picks_the_evaluated_rounds_and_always_the_last():
     ({"num-rounds": 2.5}, "expected an integer"),
     ({"student-model": "studnt-cpu"}, "student-model"),
     ({"kd-mask": "confident"}, "kd-mask: expected none or teacher-correct"),
+    ({"kd-mask": "teacher-correct"}, "kd-mask: expected none with kd-trust region"),
     ({"eval-every": 0}, "eval-every: expected an integer >= 1, got 0"),
 ])
 def test_bad_settings_are_named(cfg, match):

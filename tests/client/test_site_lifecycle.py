@@ -36,7 +36,8 @@ def _site(data_root, tmp_path) -> SiteConfig:
     return SiteConfig(population="MET", data_dir=data_root / "MET", work_dir=tmp_path / "site")
 
 
-RUN = dataclasses.replace(PRESETS["tiny"], teacher_epochs=2, num_rounds=4)
+RUN = dataclasses.replace(PRESETS["tiny"], teacher_epochs=2, num_rounds=4, kd_trust="none")
+"""Distillation terms at full weight unless a test sets kd-trust (the presets trust by region)."""
 
 
 def test_teacher_is_trained_once_then_reused(data_root, tmp_path):

@@ -75,8 +75,8 @@ def test_quality_writes_report_json_charts_and_one_part_per_method(quality):
 
 def test_quality_parts_have_every_population_region_and_the_settings(quality):
     parts = _parts(quality)
-    keys = {p["key"] for p in parts.values()}
-    assert len(keys) == 1 and keys == {QUICK.key(0)}
+    assert {p["group"] for p in parts.values()} == {QUICK.group()}
+    assert all(p["key"] == QUICK.key(0, m) for m, p in parts.items())
     for method, part in parts.items():
         assert part["preset"] == "tiny" and part["fraction"] == 1 and part["seed"] == 0
         assert set(part["scores"]) == set(POPULATIONS), method
@@ -138,8 +138,40 @@ def test_a_part_made_with_other_settings_is_not_taken(tmp_path):
     store.put(QUICK, 0, "fedavg", {"scores": {}})
     assert store.get(QUICK, 0, "fedavg") is not None
     other = dataclasses.replace(QUICK, test_cases=2)
-    assert other.key(0) != QUICK.key(0) and store.get(other, 0, "fedavg") is None
-    assert QUICK.key(0) == QUICK.key(1)  # one key for every seed: the report groups by it
+    assert other.key(0, "fedavg") != QUICK.key(0, "fedavg")
+    assert store.get(other, 0, "fedavg") is None
+    assert QUICK.key(0, "fedavg") == QUICK.key(1, "fedavg")  # the seed is not in the key
+    assert QUICK.group() == dataclasses.replace(QUICK, seeds=(1,)).group()
+
+
+def test_each_method_is_keyed_by_the_settings_it_trains_with(tmp_path, monkeypatch):
+    """A change to the preset's distillation makes the distillation parts stale, not the
+    teachers' or FedAvg's; a variant that pins the changed setting stays valid."""
+    from fedbrats.common import config
+
+    before = {m: QUICK.key(0, m) for m in ("teacher", "fedavg", "student", "no_trust")}
+    assert before["student"] != before["no_trust"]  # the preset's student trusts by region
+    tiny = config.PRESETS["tiny"]
+    monkeypatch.setitem(config.PRESETS, "tiny", dataclasses.replace(tiny, kd_trust="none"))
+    after = {m: QUICK.key(0, m) for m in before}
+    assert after["teacher"] == before["teacher"] and after["fedavg"] == before["fedavg"]
+    assert after["student"] != before["student"]
+    assert after["no_trust"] == before["no_trust"] == after["student"]
+    monkeypatch.setitem(config.PRESETS, "tiny", dataclasses.replace(tiny, num_rounds=3))
+    assert QUICK.key(0, "fedavg") != before["fedavg"]  # FedAvg's own schedule changed
+
+
+def test_the_report_leaves_out_stale_parts(tmp_path, monkeypatch):
+    from fedbrats.common import config
+
+    store = PartStore(tmp_path)
+    for method in ("fedavg", "student"):
+        store.put(QUICK, 0, method, {"scores": {}})
+    assert {p["method"] for p in store.current(QUICK)} == {"fedavg", "student"}
+    tiny = config.PRESETS["tiny"]
+    monkeypatch.setitem(config.PRESETS, "tiny", dataclasses.replace(tiny, temperature=4.0))
+    assert {p["method"] for p in store.current(QUICK)} == {"fedavg"}
+    assert store.get(QUICK, 0, "student") is None and len(store.all()) == 2
 
 
 def test_preset_schedule_is_scaled_by_the_fraction():
