@@ -911,8 +911,8 @@ def run_quality(settings: QualitySettings, methods: Sequence[str], out_dir: Path
         with torch_threads(threads):
             run_methods(settings, methods, store, work)
     machine = {**machine, "load_average_end": machine_info()["load_average"]}
-    return write_report(store.current(settings), out_dir, command, time.perf_counter() - start, machine,
-                        prefix, settings)
+    return write_report(store.current(settings), out_dir, command,
+                        time.perf_counter() - start, machine, prefix, settings)
 
 
 # --------------------------------------------------------------------------------------------

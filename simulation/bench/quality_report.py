@@ -1,8 +1,8 @@
 """The report of ``fedbrats bench quality``: every stored part merged into tables and charts.
 
-Parts are grouped by preset, fraction and data; within a group each method has the seeds it was
-run for (with the settings its key records). Cells are mean +/- sd over seeds of a population's mean over
-its test cases; *paired* differences are taken per seed (the same teachers, data split and test
+Parts are grouped by preset, fraction and data; within a group each method has the seeds it was run
+for (with the settings its key records). Cells are mean +/- sd over seeds of a population's mean
+over its test cases; *paired* differences are taken per seed (the same teachers, data split and test
 cases) and then summarised over the seeds both methods share.
 """
 
@@ -401,7 +401,8 @@ def _setup_lines(settings: QualitySettings) -> list[str]:
         f"{run.spacing:g} mm grid, crops {run.patch_size}^3, batch {run.batch_size}; {drop} for "
         f"every student; losses: supervised {run.supervised_weight:g}, logit "
         f"{run.logit_weight:g} (T = {run.temperature:g}, mask {run.kd_mask}, kd-trust "
-        f"{run.kd_trust}), feature {run.feature_weight:g} ({run.feature_kind}); FedProx mu {run.proximal_mu:g}. "
+        f"{run.kd_trust}), feature {run.feature_weight:g} ({run.feature_kind}); FedProx mu "
+        f"{run.proximal_mu:g}. "
         f"Compute-matched FedAvg: {compute_matched_rounds(run)} rounds. A group at a fraction "
         "of the schedule scales teacher epochs and rounds alike.",
         "- **In-process federation**: the federated methods call every site's local training "

@@ -1,16 +1,22 @@
 """Is PED's core lost to the averaged batch-norm statistics? FedAvg at a fraction, then
 evaluate each population with (a) the global BN stats, (b) BN stats re-estimated on that site's
 training crops (weights unchanged), (c) fedavg_ft (one local round)."""
-import dataclasses, json, sys, time
+
+import dataclasses
+import json
+import sys
+import time
 from pathlib import Path
+
 import torch
-from fedbrats.simulation.bench import quality as q
-from fedbrats.common.data.contract import POPULATIONS
+
 from fedbrats.client.data import load_site_data, training_batches
 from fedbrats.client.distill import student_input
+from fedbrats.common.data.contract import POPULATIONS
+from fedbrats.simulation.bench import quality as q
 from fedbrats.simulation.bench.perf import torch_threads
 
-frac = float(sys.argv[1]); seed = int(sys.argv[2]); out = Path(sys.argv[3])
+frac, seed, out = float(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 settings = dataclasses.replace(q.FULL, fraction=frac, seeds=(seed,))
 work = Path("build/bench/quality")
 with torch_threads(1):
@@ -23,9 +29,14 @@ with torch_threads(1):
         state = torch.load(st)
     else:
         t0 = time.time()
-        state, last = q.federated(ctx.sites, run, lambda s, x, r: q.supervised_round(s, run, x, r),
-                                  {p: 1.0 for p in POPULATIONS})
-        torch.save(state, st); print("fedavg", time.time() - t0, flush=True)
+        state, last = q.federated(
+            ctx.sites,
+            run,
+            lambda s, x, r: q.supervised_round(s, run, x, r),
+            {p: 1.0 for p in POPULATIONS},
+        )
+        torch.save(state, st)
+        print("fedavg", time.time() - t0, flush=True)
     res = {}
     for pop in POPULATIONS:
         m = q._student(run, state, ctx.device)
@@ -34,7 +45,8 @@ with torch_threads(1):
         m2 = q._student(run, state, ctx.device)
         for mod in m2.modules():
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.reset_running_stats(); mod.momentum = None
+                mod.reset_running_stats()
+                mod.momentum = None
         m2.train()
         data = load_site_data(ctx.sites[pop], run)
         gen = torch.Generator().manual_seed(0)
@@ -47,5 +59,12 @@ with torch_threads(1):
         bb = ctx.evaluate(m2, pop)
         res[pop] = {"global_bn": a, "site_bn": bb}
 
-        print(pop, {k: {r: round(v[r]["dice"], 3) for r in ("WT","TC","ET")} for k, v in res[pop].items()}, flush=True)
+        print(
+            pop,
+            {
+                k: {r: round(v[r]["dice"], 3) for r in ("WT", "TC", "ET")}
+                for k, v in res[pop].items()
+            },
+            flush=True,
+        )
     (out / f"bn-f{frac:g}-s{seed}.json").write_text(json.dumps(res, indent=1))

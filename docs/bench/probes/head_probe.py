@@ -1,16 +1,21 @@
 """PED's core under FedAvg: per-class confusion on PED test cases, and whether 30 local steps
 of only the last block (model.2) recover it (the shared features already separate the classes)
 or the whole network must move."""
-import dataclasses, json, sys
+
+import dataclasses
+import json
+import sys
 from pathlib import Path
-import numpy as np, torch
-from fedbrats.simulation.bench import quality as q
-from fedbrats.simulation.bench.perf import torch_threads
-from fedbrats.common.data.contract import POPULATIONS
+
+import numpy as np
+import torch
+
 from fedbrats.client.data import load_site_data, training_batches
 from fedbrats.client.distill import LocalTrainer
 from fedbrats.client.scoring import evaluate_model
 from fedbrats.common.utils.seeds import derived_seed
+from fedbrats.simulation.bench import quality as q
+from fedbrats.simulation.bench.perf import torch_threads
 
 frac, seed, out = float(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 settings = dataclasses.replace(q.FULL, fraction=frac, seeds=(seed,))
@@ -24,14 +29,21 @@ with torch_threads(1):
 
     def confusion(model, pop):
         cm = np.zeros((4, 4), np.int64)
+
         def score(pred, gt):
-            cm[:] += np.bincount(4 * np.asarray(gt).astype(int).ravel() + np.asarray(pred).astype(int).ravel(), minlength=16).reshape(4, 4)
+            cm[:] += np.bincount(
+                4 * np.asarray(gt).astype(int).ravel() + np.asarray(pred).astype(int).ravel(),
+                minlength=16,
+            ).reshape(4, 4)
             return {}
+
         evaluate_model(model, tests[pop].dataset, tests[pop].site, run, ctx.device, score=score)
         return (cm / cm.sum(1, keepdims=True)).round(3).tolist()
 
-    res = {"fedavg_confusion_PED": confusion(q._student(run, state, ctx.device), "PED"),
-           "fedavg_confusion_GLI": confusion(q._student(run, state, ctx.device), "GLI")}
+    res = {
+        "fedavg_confusion_PED": confusion(q._student(run, state, ctx.device), "PED"),
+        "fedavg_confusion_GLI": confusion(q._student(run, state, ctx.device), "GLI"),
+    }
     print(json.dumps(res), flush=True)
     labels_only = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
     for prefix in ("model.2", ""):
