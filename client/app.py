@@ -13,7 +13,6 @@ with differential privacy (``dp_clipping_mod``); each stays out of the way of ot
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from logging import ERROR
 
@@ -209,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     student = msg.content[wire.ARRAYS].to_torch_state_dict()
     mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     if config.get(wire.BASELINE):  # the labels-only FedAvg baseline: the same round, no teacher
-        run = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
+        run = run.baseline_run()
     state, metrics = distill_round(site, run, student, server_round, proximal_mu=mu)
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
     record[WEIGHT_KEY] = _weight(run, site)
@@ -227,6 +226,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if (refused := _refuse_unsigned(msg, context)) is not None:
         return refused
     run, site = _setup(context)
+    if wire.CONFIG in msg.content.config_records and msg.content[wire.CONFIG].get(wire.BASELINE):
+        run = run.baseline_run()  # the baseline's per-round curve
     student = msg.content[wire.ARRAYS].to_torch_state_dict()
     result = evaluate_site(site, run, student)
     record = MetricRecord(flatten_scores(result["student"], "student"))
@@ -253,7 +254,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         record.update(flatten_scores(scores, f"student_missing.{contrast}"))
     if wire.BASELINE in msg.content.array_records:  # the FedAvg baseline of the same run
         baseline = msg.content[wire.BASELINE].to_torch_state_dict()
-        scores = evaluate_site(site, run, baseline, tta=run.final_tta)["student"]
+        scores = evaluate_site(site, run.baseline_run(), baseline, tta=run.final_tta)["student"]
         record.update(flatten_scores(scores, "baseline"))
     record["num-val"] = int(result["num_val"])
     return Message(RecordDict({wire.METRICS: record}), reply_to=msg)

@@ -155,7 +155,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     # without distillation terms (a labels-only baseline) no teacher or projector is involved
     distil = run.logit_weight > 0 or run.feature_weight > 0
     teacher = load_teacher(site, run, device).requires_grad_(False) if distil else None
-    student = new_student(run)
+    student = new_student(run, site.population)
     student.net.load_state_dict(student_state)
     student.to(device)
     trust, region_weights = 1.0, None

@@ -27,7 +27,7 @@ def evaluate_site(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     """
     device = select_device(run)
     data = load_site_data(site, run)
-    student = new_student(run)
+    student = new_student(run, site.population)
     student.net.load_state_dict(student_state)
     student.to(device)
     out: dict = {"num_val": len(data.val_cases),

@@ -21,7 +21,7 @@ from fedbrats.common.data.transforms import (
 from fedbrats.common.inference.sliding_window import sliding_window_softmax
 from fedbrats.common.metrics.brats import evaluate_case
 from fedbrats.common.metrics.scores import mean_metrics
-from fedbrats.common.networks.models import TappedModel
+from fedbrats.common.networks.models import TappedModel, set_population
 
 
 def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
@@ -50,7 +50,10 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
 
     ``score(pred, gt)`` gives one case's ``{region: {metric: value}}``; by default all the
     metrics of :func:`~fedbrats.common.metrics.brats.evaluate_case` for the site's population.
+    A student with a head per population segments with the site's own
+    (:func:`~fedbrats.common.networks.models.set_population`).
     """
+    set_population(model, site.population)
     per_case = []
     for i in range(len(val_ds)):
         item = val_ds[i]

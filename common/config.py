@@ -41,6 +41,7 @@ TEACHER_RECIPE = 2
 
 
 STUDENT_INITS: tuple[str, ...] = ("new", "warm")
+STUDENT_HEADS: tuple[str, ...] = ("shared", "population")
 BASELINES: tuple[str, ...] = ("", "fedavg")
 
 
@@ -77,6 +78,11 @@ class RunConfig:
     """Where phase 2's student starts: ``new`` (seeded initial weights) or ``warm`` (the
     teachers' warm-start network; needs ``teacher-warm-rounds`` > 0 and the teacher's network
     for the student's)."""
+    student_heads: str = "shared"
+    """``population``: the student's last block (the one that gives the logits) is kept once
+    per population, each trained at and averaged over its own population's sites only, the
+    rest of the network shared by all (README, "Why the paediatric core"); a prediction names
+    its population (or takes the mean of the heads). ``shared``: one last block for all."""
     # phase 2: distillation rounds
     num_rounds: int = 60
     local_steps: int = 30
@@ -216,6 +222,16 @@ class RunConfig:
         need(not (self.kd_mask != "none" and self.kd_trust == "region"), "kd_mask",
              'none with kd-trust region (the region terms weight the whole volume; set '
              'kd-trust to "site" or "none" to mask by the teacher)')
+        need(self.student_heads in STUDENT_HEADS, "student_heads", " or ".join(STUDENT_HEADS))
+        if self.student_heads == "population":
+            need(self.strategy in ("fedavg", "fedprox"), "strategy",
+                 "fedavg or fedprox with student-heads population (each head is the mean of "
+                 "its own population's sites)")
+            need(self.dp_noise_multiplier == 0 and not self.secure_aggregation, "student_heads",
+                 "shared with differential privacy or secure-aggregation (each head is averaged "
+                 "over its own population's sites, outside the noised or masked sum)")
+            need(self.student_init == "new", "student_init",
+                 "new with student-heads population (the warm start has one last block)")
         need(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
              " or ".join(TRANSFER_DTYPES))
         need(not (self.secure_aggregation and self.transfer_dtype != "float32"),
@@ -258,6 +274,12 @@ class RunConfig:
             return tuple(range(len(CONTRASTS)))
         names = {c.strip() for c in self.dropout_contrasts.split(",")}
         return tuple(i for i, c in enumerate(CONTRASTS) if c in names)
+
+    def baseline_run(self) -> RunConfig:
+        """The settings of the labels-only FedAvg baseline (``baseline = "fedavg"``): no
+        distillation terms, and one shared last block, as the FedAvg consortia run today."""
+        return dataclasses.replace(self, logit_weight=0.0, feature_weight=0.0,
+                                   student_heads="shared", student_init="new")
 
     @property
     def required_sites(self) -> int:

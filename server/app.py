@@ -239,7 +239,8 @@ def distil(grid: Grid, context: Context, run: RunConfig, folder: RunFolder,
             timeout=run.round_timeout,
             train_config=ConfigRecord({wire.ROUND_OFFSET: done,
                                        **({wire.BASELINE: True} if baseline else {})}),
-            evaluate_config=ConfigRecord({wire.ROUND_OFFSET: done}),
+            evaluate_config=ConfigRecord({wire.ROUND_OFFSET: done,
+                                          **({wire.BASELINE: True} if baseline else {})}),
         )
         final_arrays = result.arrays
     return final_arrays
@@ -255,8 +256,8 @@ def train_baseline(grid: Grid, context: Context, run: RunConfig, folder: RunFold
     rounds.json, so that it resumes like the student); None when off."""
     if run.baseline != "fedavg":
         return None
-    brun = dataclasses.replace(run, output_dir=str(folder.path / BASELINE_FOLDER),
-                               student_init="new", keep_site_updates=False)
+    brun = dataclasses.replace(run.baseline_run(), output_dir=str(folder.path / BASELINE_FOLDER),
+                               keep_site_updates=False)
     log(INFO, "fedbrats: the labels-only FedAvg baseline, %d rounds", run.num_rounds)
     return distil(grid, context, brun, RunFolder(brun), names, signer, baseline=True)
 

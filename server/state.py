@@ -55,12 +55,14 @@ class RunFolder:
         cfg = self.path / "config.json"
         if cfg.exists() and self.latest_checkpoint() is not None:
             old = json.loads(cfg.read_text())
-            if old.get("student_model") != self.run.student_model:
-                raise RuntimeError(
-                    f"{self.path}: this run folder holds checkpoints of student "
-                    f"{old.get('student_model')!r}, but the run asks for "
-                    f"{self.run.student_model!r}; use another output-dir"
-                )
+            for key, absent in (("student_model", None), ("student_heads", "shared")):
+                if old.get(key, absent) != getattr(self.run, key):
+                    name = key.replace("_", "-")
+                    raise RuntimeError(
+                        f"{self.path}: this run folder holds checkpoints of a student with "
+                        f"{name} {old.get(key, absent)!r}, but the run asks for "
+                        f"{getattr(self.run, key)!r}; use another output-dir"
+                    )
             changed = sorted(k for k, v in self.run.to_dict().items() if old.get(k) != v)
             if changed:
                 log.warning("resuming %s with changed settings: %s", self.path, ", ".join(changed))

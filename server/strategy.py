@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbrats.common.config import RunConfig
+from fedbrats.common.networks.models import head_population, population_mean
 from fedbrats.common.utils.arrays import transfer_copy
 from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
 from fedbrats.server.ledger import RoundLedger
@@ -49,6 +50,16 @@ def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     for k, a in arrays.items():
         out[k] = Array(a.numpy().astype(np.dtype(reference[k].dtype), copy=False))
     return out
+
+
+def weighted_array_mean(values: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """The weighted mean of arrays in float64, cast back to the first one's dtype (integer
+    counters are taken from the first)."""
+    first = values[0]
+    if not np.issubdtype(first.dtype, np.floating):
+        return first.copy()
+    acc = sum(float(w) * v.astype(np.float64) for v, w in zip(values, weights))
+    return (acc / float(sum(weights))).astype(first.dtype)
 
 
 def for_transfer(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
@@ -137,6 +148,7 @@ class RecordingMixin:
         if self.sent_arrays is not None:
             arrays = _like(arrays, self.sent_arrays)
         self._settle_norm_statistics(arrays, replies)
+        self._settle_population_heads(arrays, replies)
         if self.dp:
             ledger.record_dp(rnd, len(replies))
         state = None
@@ -159,6 +171,22 @@ class RecordingMixin:
             [float(m.content[METRICS][WEIGHT_KEY]) for m in replies], noised=self.dp)
         for k, v in settled.items():
             arrays[k] = Array(v)
+
+    def _settle_population_heads(self, arrays: ArrayRecord, replies: list[Message]) -> None:
+        """A student with a head per population (``student-heads = "population"``): each
+        head is the weighted mean over its own population's replies only (the others return it
+        untouched), and stays as sent when none of them replied."""
+        keys = [k for k in arrays.keys() if head_population(k)]
+        if not keys:
+            return
+        sent = self.sent_arrays if self.sent_arrays is not None else arrays
+        settled = population_mean(
+            [{k: m.content[ARRAYS][k].numpy() for k in keys} for m in replies],
+            [float(m.content[METRICS][WEIGHT_KEY]) for m in replies],
+            [self.ledger.site_of(m.metadata.src_node_id) for m in replies],
+            weighted_array_mean, {k: sent[k].numpy() for k in keys})
+        for k, v in settled.items():
+            arrays[k] = Array(np.array(v, copy=True, order="C"))
 
     def _valid_update(self, rnd: int, msg: Message) -> bool:
         """Check a site's returned student against the one sent; log and audit a reject."""

@@ -349,6 +349,9 @@ def register_explain(subparsers) -> argparse.ArgumentParser:
                    help="where the network runs: auto (CUDA when available, default), cpu, cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    from fedbrats.common.inference.predict import add_population_argument
+
+    add_population_argument(p)
     p.set_defaults(func=run_explain)
     return p
 
@@ -368,7 +371,8 @@ def run_explain(args: argparse.Namespace) -> int:
             raise DataError(f"{source}: expected one case, found {len(cases)} "
                             f"({', '.join(c.case_id for c in cases[:5])}"
                             f"{', ...' if len(cases) > 5 else ''}); pass one case folder")
-        student = load_student(args.model, device=resolve_device(args.device))
+        student = load_student(args.model, device=resolve_device(args.device),
+                               population=args.population)
         expl = explain_case(student, cases[0], args.gt, args.labels,
                             apply_postprocess=args.postprocess, progress=args.progress)
     except (DataError, ModelFileError, PredictError) as e:

@@ -133,6 +133,20 @@ class Student:
     trained_without: tuple[str, ...] | None = None
     """Contrasts modality dropout removed from the student's input in training: those it learnt
     to do without (None: the file does not say)."""
+    heads: tuple[str, ...] = ()
+    """The populations the network has a last block of (run setting ``student-heads =
+    "population"``); empty for one shared last block."""
+    population: str | None = None
+    """The population whose head segments; ``None`` with heads: the mean of them all."""
+
+    def describe_heads(self) -> str:
+        """One line on which head segments ("" for a network with one last block)."""
+        if not self.heads:
+            return ""
+        if self.population is None:
+            return (f"a last block per population ({', '.join(self.heads)}); no --population "
+                    "given, so the mean of all of them segments")
+        return f"a last block per population; {self.population}'s segments"
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +165,7 @@ def student_payload(
     ``arrays``: the network's state dict (tensors or numpy arrays); ``postprocess``: thresholds
     to publish with the model, the defaults when None.
     """
-    from fedbrats.common.networks.models import resolve_spec
+    from fedbrats.common.networks.models import student_spec
     from fedbrats.common.utils.arrays import to_tensors
 
     if postprocess is None:
@@ -162,7 +176,7 @@ def student_payload(
         thresholds = PostprocessThresholds.from_dict(postprocess)
     return {
         "format": STUDENT_FORMAT,
-        "spec": json.dumps(resolve_spec(run.student_model).to_dict()),
+        "spec": json.dumps(student_spec(run).to_dict()),
         "state_dict": to_tensors(arrays),
         "spacing": [float(run.spacing)] * 3,
         "patch_size": int(run.patch_size),
@@ -388,8 +402,12 @@ def _build_trained_network(spec: ModelSpec, state: Any, where: str) -> torch.nn.
     return net
 
 
-def load_student(path: str | Path, device: str = "cpu") -> Student:
+def load_student(path: str | Path, device: str = "cpu", population: str | None = None
+                 ) -> Student:
     """Read a student file and build its network, in eval mode on ``device``.
+
+    ``population`` picks the head of a student with one per population (None: their mean); it
+    is ignored by a student with a single last block.
 
     Raises :class:`ModelFileError` naming the file, what was expected and what was found when
     the file is missing, truncated or corrupt, not a fedbrats student (wrong or missing
@@ -409,6 +427,11 @@ def load_student(path: str | Path, device: str = "cpu") -> Student:
     thresholds = _read_postprocess(data, where)
     net = _build_trained_network(spec, data["state_dict"], where)
     net.to(torch.device(device))
+    from fedbrats.common.networks.models import POPULATION_HEADS, set_population
+
+    heads = tuple(spec.options.get(POPULATION_HEADS) or ())
+    population = population if heads else None
+    set_population(net, population)
     rnd = data.get("round")
     return Student(
         network=net,
@@ -422,4 +445,6 @@ def load_student(path: str | Path, device: str = "cpu") -> Student:
         path=path,
         device=str(torch.device(device)),
         trained_without=_trained_without(data.get("config")),
+        heads=heads,
+        population=population,
     )

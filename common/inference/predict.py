@@ -531,8 +531,19 @@ def register_predict(subparsers) -> argparse.ArgumentParser:
                    help="the consortium's public key (consortium.pub from fedbrats keys): "
                    "refuse the model unless its STUDENT.sig verifies (the file is unchanged since "
                    "the server signed it)")
+    add_population_argument(p)
     p.set_defaults(func=run_predict)
     return p
+
+
+def add_population_argument(p: argparse.ArgumentParser) -> None:
+    """``--population``: which head of a student with one per population segments."""
+    from fedbrats.common.data.contract import POPULATIONS
+
+    p.add_argument("--population", choices=POPULATIONS, default=None,
+                   help="the cases' population, for a student trained with a last block per "
+                   "population (student-heads = \"population\"): its block segments; without it "
+                   "the mean of all the blocks does. Ignored by a student with one last block")
 
 
 def _fmt_ml(mm3: float) -> str:
@@ -577,7 +588,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 print(f"error: refusing the model: {e}", file=sys.stderr)
                 return 2
             print(f"model {args.model}: signature verified with {args.public_key}")
-        student = load_student(args.model, device=device)
+        student = load_student(args.model, device=device, population=args.population)
         cases = discover_cases(source)
     except (ModelFileError, DataError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -585,6 +596,8 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {student.spec.arch}, {'x'.join(f'{s:g}' for s in student.spacing)}"
           f" mm, patch {'x'.join(map(str, student.patch_size))}, round {student.round}; "
           f"{len(cases)} case(s) on {device}")
+    if student.heads:
+        print(f"model {args.model}: {student.describe_heads()}")
     out_dir = Path(args.out)
     rows, failures = [], []
     bar = tqdm(cases, desc="predict", unit="case", disable=not args.progress, file=sys.stderr)

@@ -67,7 +67,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARCHITECTURES",
+    "HEAD_BLOCKS",
+    "POPULATION_HEADS",
     "PRESETS",
     "FeatureProjector",
     "FeatureTaps",
@@ -91,6 +93,10 @@ __all__ = [
     "TappedModel",
     "build_network",
     "build_projector",
+    "head_population",
+    "population_mean",
+    "set_population",
+    "student_spec",
     "count_parameters",
     "default_taps",
     "get_preset",
@@ -103,6 +109,14 @@ ARCHITECTURES: tuple[str, ...] = ("SegResNet", "DynUNet", "UNet")
 """Supported MONAI architectures (``monai.networks.nets``), by class name."""
 
 _RESERVED_KWARGS = ("spatial_dims", "in_channels", "out_channels")
+
+POPULATION_HEADS = "population_heads"
+"""Spec option (not a MONAI argument): population codes, one copy of the network's last block
+(:data:`HEAD_BLOCKS`) each; see :class:`PopulationHeads`."""
+
+HEAD_BLOCKS: dict[str, str] = {"UNet": "model.2", "SegResNet": "conv_final",
+                               "DynUNet": "output_block"}
+"""The last block of each architecture (the one that turns the last features into logits)."""
 
 # --------------------------------------------------------------------------------------------
 # ModelSpec
@@ -358,6 +372,7 @@ def build_network(
     spec = resolve_spec(spec)
     cls = _net_class(spec.arch)
     kwargs = _constructor_kwargs(spec)
+    populations = kwargs.pop(POPULATION_HEADS, None)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     for key in kwargs:
         if key not in accepted:
@@ -365,7 +380,105 @@ def build_network(
                 f"{spec.arch} has no argument {key!r}; "
                 f"{_suggest(key, sorted(accepted - set(_RESERVED_KWARGS)))}"
             )
-    return cls(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    net = cls(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    if populations:
+        _add_population_heads(net, HEAD_BLOCKS[spec.arch], populations)
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# Population heads
+# --------------------------------------------------------------------------------------------
+
+
+class PopulationHeads(nn.Module):
+    """One copy of a network's last block per population, in place of that block.
+
+    :attr:`population` picks the copy a forward pass uses (every site trains the body and its
+    own population's copy); ``None`` gives the mean of all copies' outputs (the logits' mean),
+    for a case whose population is not known. Each copy is aggregated over its own
+    population's sites only (:func:`population_mean`). State-dict keys read
+    ``<block>.population_heads.<POP>.<...>`` (:func:`head_population`).
+    """
+
+    def __init__(self, block: nn.Module, populations: Sequence[str]):
+        super().__init__()
+        import copy
+
+        self.population_heads = nn.ModuleDict({p: copy.deepcopy(block) for p in populations})
+        self.population: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.population is None:
+            return torch.stack([h(x) for h in self.population_heads.values()]).mean(0)
+        return self.population_heads[self.population](x)
+
+    def extra_repr(self) -> str:
+        return f"populations={list(self.population_heads)}, population={self.population!r}"
+
+
+def _add_population_heads(net: nn.Module, block_name: str, populations: Sequence[str]) -> None:
+    from fedbrats.common.data.contract import check_population
+
+    pops = [check_population(p) for p in populations]
+    if len(set(pops)) != len(pops):
+        raise ValueError(f"{POPULATION_HEADS}: duplicate populations in {list(populations)}")
+    parent_name, _, child = block_name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, child, PopulationHeads(getattr(parent, child), pops))
+
+
+def set_population(model: nn.Module, population: str | None) -> nn.Module:
+    """Make every :class:`PopulationHeads` of ``model`` use ``population``'s head (``None``:
+    their mean). A network without population heads is returned as it is."""
+    for module in model.modules():
+        if isinstance(module, PopulationHeads):
+            if population is not None and population not in module.population_heads:
+                raise ValueError(
+                    f"the network has heads for {', '.join(module.population_heads)}, not for "
+                    f"population {population!r}")
+            module.population = population
+    return model
+
+
+def head_population(key: str) -> str | None:
+    """The population whose head a state-dict key belongs to (``None``: a shared weight)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == POPULATION_HEADS:
+            return parts[i + 1]
+    return None
+
+
+def population_mean(states: Sequence[Mapping[str, Any]], weights: Sequence[float],
+                    populations: Sequence[str], mean: Callable[[list, list], Any],
+                    sent: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Aggregate sites' state dicts: shared weights by ``mean(values, weights)`` over every
+    site, each population head over that population's sites only (the sent value, from
+    ``sent``, where none of them replied: it then stays as it was)."""
+    out: dict[str, Any] = {}
+    for key in states[0]:
+        owner = head_population(key)
+        idx = range(len(states)) if owner is None else [
+            i for i, p in enumerate(populations) if p == owner]
+        if not idx:
+            if sent is None:
+                raise ValueError(f"no site of population {owner} for {key!r} and no sent value")
+            out[key] = sent[key]
+            continue
+        out[key] = mean([states[i][key] for i in idx], [weights[i] for i in idx])
+    return out
+
+
+def student_spec(run: RunConfig) -> ModelSpec:
+    """The spec of the run's student: ``student-model``, with a head per population
+    (:data:`POPULATION_HEADS`) when ``student-heads = "population"``."""
+    from fedbrats.common.data.contract import POPULATIONS
+
+    spec = resolve_spec(run.student_model)
+    if run.student_heads == "population":
+        spec = spec.replace(**{POPULATION_HEADS: list(POPULATIONS)})
+    return spec
 
 
 def _per_axis(stride: Any) -> tuple[int, int, int]:
@@ -731,8 +844,12 @@ def new_warm_teacher(run: RunConfig) -> TappedModel:
     return TappedModel.from_spec(resolve_spec(run.teacher_model))
 
 
-def new_student(run: RunConfig) -> TappedModel:
-    """The run's student network (``student-model``), initialised from the run's seed: the same
-    initial weights at the server and at every site."""
+def new_student(run: RunConfig, population: str | None = None) -> TappedModel:
+    """The run's student network (:func:`student_spec`), initialised from the run's seed: the
+    same initial weights at the server and at every site. ``population`` picks its head when
+    it has one per population (:func:`set_population`); every head starts from the same
+    weights."""
     torch.manual_seed(derived_seed(run.seed, "student"))
-    return TappedModel.from_spec(resolve_spec(run.student_model))
+    model = TappedModel.from_spec(student_spec(run))
+    set_population(model, population)
+    return model

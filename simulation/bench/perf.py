@@ -272,7 +272,7 @@ def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
     data = load_site_data(site, run)
     batch = next(training_batches(data.train_ds, run.batch_size, 0))
     x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
-    student = new_student(run).to(device).train()
+    student = new_student(run, site.population).to(device).train()
     teacher = TappedModel.from_spec(resolve_spec(run.teacher_model)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -371,6 +371,7 @@ def _plain_loop(data_root: Path, run, sites: Sequence[str]) -> float:
         build_projector,
         new_student,
         resolve_spec,
+        set_population,
     )
 
     clear_site_data_cache()
@@ -396,6 +397,7 @@ def _plain_loop(data_root: Path, run, sites: Sequence[str]) -> float:
     cpu = torch.device("cpu")
     for _ in range(run.num_rounds):
         for p in sites:  # each site's round: the step of fedbrats.client.distill.LocalTrainer
+            set_population(student, p)
             trainer = LocalTrainer(student, run, cpu, run.student_lr, 0,
                                    teacher=teachers[p].requires_grad_(False),
                                    projector=projectors[p])

@@ -87,6 +87,7 @@ METHODS: dict[str, str] = {
     "fedprox": "FedProx, labels only",
     "fedavg_ft": "FedAvg + local fine-tuning",
     "fedavg_nodrop": "FedAvg, no modality dropout",
+    "fedavg_heads": "FedAvg, a last block per population",
     "centralised": "centralised, pooled",
     "centralised_nodrop": "centralised, no modality dropout",
     "student": "fedbrats student",
@@ -105,11 +106,22 @@ METHODS: dict[str, str] = {
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
     "student_fp16": "student (kd-trust none), transfer-dtype float16",
+    "heads": "student, a last block per population",
 }
 """Method keys, in table order, with the label the tables use."""
 
 DECIDING: tuple[str, ...] = ("teacher", "ensemble", "fedavg", "student")
 """The methods that decide the issue's question; ``--methods deciding`` runs these."""
+
+LABELS_ONLY_VARIANTS: dict[str, dict[str, Any]] = {
+    **{m: {"student_heads": "shared"} for m in (
+        "fedavg", "fedavg_cm", "fedprox", "fedavg_ft", "fedavg_nodrop", "centralised",
+        "centralised_nodrop")},
+    "fedavg_heads": {"student_heads": "population"},
+}
+"""Run-setting changes of the labels-only methods: the FedAvg that consortia run today has one
+shared network whatever the preset's student has; ``fedavg_heads`` gives it the student's head
+per population (FedPer-like), to tell what the heads do from what distillation does."""
 
 DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "student": {},
@@ -125,6 +137,7 @@ DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
     "trust": {"kd_trust": "site"},
     "student_fp16": {"transfer_dtype": "float16", "kd_trust": "none"},
+    "heads": {"student_heads": "population"},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
 preset's settings that gives them). The student of the presets weights its distillation by
@@ -159,7 +172,7 @@ predicted over the true volume (under 1: under-segmentation)."""
 
 KEY_OMITS_WHEN_OFF: dict[str, Any] = {"teacher_warm_rounds": 0, "student_init": "new",
                                       "baseline": "", "kd_trust": "none",
-                                      "transfer_dtype": "float32"}
+                                      "transfer_dtype": "float32", "student_heads": "shared"}
 """Run settings added after parts were stored, with their "off" value: left out of a part's key
 while they are off, so that the parts made before stay valid."""
 
@@ -223,8 +236,8 @@ class QualitySettings:
         """The run settings ``method`` trains with: the preset's, with the method's changes
         (a distillation variant's, or those of the variant whose teachers it scores)."""
         run = self.run(seed)
-        changes = DISTILLATION_VARIANTS.get(method, DISTILLATION_VARIANTS.get(
-            OWN_TEACHERS_OF.get(method, ""), {}))
+        changes = LABELS_ONLY_VARIANTS.get(method) or DISTILLATION_VARIANTS.get(
+            method, DISTILLATION_VARIANTS.get(OWN_TEACHERS_OF.get(method, ""), {}))
         if callable(changes):
             changes = changes(run)
         return dataclasses.replace(run, **changes)
@@ -350,6 +363,11 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]],
     return out
 
 
+def _mean_of(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """One entry of :func:`weighted_mean`."""
+    return weighted_mean([{"v": v} for v in values], weights)["v"]
+
+
 def supervised_round(site: SiteConfig, run: RunConfig, state: Mapping[str, torch.Tensor],
                      server_round: int, proximal_mu: float = 0.0) -> dict[str, torch.Tensor]:
     """One site's local round on labels only: ``distill_round`` without the teacher.
@@ -378,7 +396,7 @@ def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
     ``after_round(round, global_state)`` is called after each aggregation; ``init``: the
     student to start from (default: the run's new student).
     """
-    from fedbrats.common.networks.models import new_student
+    from fedbrats.common.networks.models import new_student, population_mean
 
     start = init if init is not None else new_student(run).net.state_dict()
     state = {k: v.detach().clone() for k, v in start.items()}
@@ -387,8 +405,10 @@ def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
         sent = _travelling(state, run.transfer_dtype)
         # a site answers in the precision it was sent; the server averages in float32
         updates = {p: _travelling(dict(local(site, sent, rnd)), sent) for p, site in sites.items()}
-        state = _travelling(weighted_mean([updates[p] for p in sites],
-                                          [weights[p] for p in sites]), state)
+        # each population head over its own population's sites (what the strategy does)
+        state = _travelling(population_mean(
+            [updates[p] for p in sites], [weights[p] for p in sites],
+            [site.population for site in sites.values()], _mean_of, state), state)
         if after_round is not None:
             after_round(rnd, state)
         log.info("  round %d/%d done", rnd, run.num_rounds)
@@ -442,12 +462,15 @@ def centralised(sites: Mapping[str, SiteConfig], run: RunConfig) -> dict[str, to
                for p, site in sites.items()}
     student = new_student(run).to(device).train()
     labels_only = dataclasses.replace(run, logit_weight=0.0, feature_weight=0.0)
+    from fedbrats.common.networks.models import set_population
+
     trainer = LocalTrainer(student, labels_only, device, run.round_lr(1),
                            derived_seed(run.seed, "centralised"))
     for rnd in range(1, run.num_rounds + 1):
         trainer.set_lr(run.round_lr(rnd))
         for _ in range(run.local_steps):
             for pop in sites:
+                set_population(student, sites[pop].population)
                 trainer.step(next(streams[pop]))
     return {k: v.detach().cpu() for k, v in student.net.state_dict().items()}
 
@@ -680,7 +703,7 @@ def _ensemble_parts(ctx: SeedRun) -> dict[str, Part]:
 
 
 def _fedavg_parts(ctx: SeedRun) -> dict[str, Part]:
-    run, curve = ctx.run, {}
+    run, curve = ctx.settings.method_run(ctx.seed, "fedavg"), {}
     state, last = federated(ctx.sites, run, lambda s, st, r: supervised_round(s, run, st, r),
                             {p: 1.0 for p in POPULATIONS}, ctx.curve_hook(run, curve))
     schedule = f"{run.num_rounds} rounds x {run.local_steps} steps ({run.student_model})"
@@ -712,17 +735,24 @@ def _labels_only_part(ctx: SeedRun, run: RunConfig, proximal_mu: float = 0.0) ->
 
 
 def _fedavg_cm_parts(ctx: SeedRun) -> dict[str, Part]:
-    run = dataclasses.replace(ctx.run, num_rounds=compute_matched_rounds(ctx.run))
-    return {"fedavg_cm": _labels_only_part(ctx, run)}
+    run = ctx.settings.method_run(ctx.seed, "fedavg_cm")
+    return {"fedavg_cm": _labels_only_part(
+        ctx, dataclasses.replace(run, num_rounds=compute_matched_rounds(run)))}
 
 
 def _fedprox_parts(ctx: SeedRun) -> dict[str, Part]:
-    return {"fedprox": _labels_only_part(ctx, ctx.run, ctx.run.proximal_mu)}
+    run = ctx.settings.method_run(ctx.seed, "fedprox")
+    return {"fedprox": _labels_only_part(ctx, run, run.proximal_mu)}
 
 
 def _fedavg_nodrop_parts(ctx: SeedRun) -> dict[str, Part]:
-    return {"fedavg_nodrop": _labels_only_part(
-        ctx, dataclasses.replace(ctx.run, modality_dropout=False))}
+    return {"fedavg_nodrop": _labels_only_part(ctx, dataclasses.replace(
+        ctx.settings.method_run(ctx.seed, "fedavg_nodrop"), modality_dropout=False))}
+
+
+def _fedavg_heads_parts(ctx: SeedRun) -> dict[str, Part]:
+    return {"fedavg_heads": _labels_only_part(ctx, ctx.settings.method_run(ctx.seed,
+                                                                           "fedavg_heads"))}
 
 
 def _centralised_part(ctx: SeedRun, run: RunConfig) -> Part:
@@ -732,12 +762,13 @@ def _centralised_part(ctx: SeedRun, run: RunConfig) -> Part:
 
 
 def _centralised_parts(ctx: SeedRun) -> dict[str, Part]:
-    return {"centralised": _centralised_part(ctx, ctx.run)}
+    return {"centralised": _centralised_part(ctx, ctx.settings.method_run(ctx.seed,
+                                                                          "centralised"))}
 
 
 def _centralised_nodrop_parts(ctx: SeedRun) -> dict[str, Part]:
-    return {"centralised_nodrop": _centralised_part(
-        ctx, dataclasses.replace(ctx.run, modality_dropout=False))}
+    return {"centralised_nodrop": _centralised_part(ctx, dataclasses.replace(
+        ctx.settings.method_run(ctx.seed, "centralised_nodrop"), modality_dropout=False))}
 
 
 def distillation_part(ctx: SeedRun, method: str, changes: Mapping[str, Any]) -> Part:
@@ -805,6 +836,7 @@ PRODUCERS: dict[str, Callable[[SeedRun], dict[str, Part]]] = {
     "fedavg_cm": _fedavg_cm_parts,
     "fedprox": _fedprox_parts,
     "fedavg_nodrop": _fedavg_nodrop_parts,
+    "fedavg_heads": _fedavg_heads_parts,
     "centralised": _centralised_parts,
     "centralised_nodrop": _centralised_nodrop_parts,
 }

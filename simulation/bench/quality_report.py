@@ -427,14 +427,16 @@ def _group_lines(g: Group, paths: Mapping[str, Path], index: int) -> list[str]:
     for region in ("TC", "ET"):
         lines += [f"{region}:", "", method_table(g, region, "volume_ratio", True, 2), ""]
     if "student" in g.methods:
-        others = [m for m in ("fedavg", "fedavg_cm", "ensemble", "teacher", "fedavg_ft")
-                  if m in g.methods]
+        others = [m for m in ("fedavg", "fedavg_cm", "fedavg_heads", "ensemble", "teacher",
+                              "fedavg_ft") if m in g.methods]
         lines += ["### Paired differences, per seed (mean +/- sd over the shared seeds)", "",
                   paired_table(g, "student", others), ""]
         for s in students:
             if s != "student":
                 own = [m for m in TEACHERS_OF.get(s, ()) if m in g.methods]
-                lines += [paired_table(g, s, ["student", "fedavg", "fedavg_cm", *own]), ""]
+                vs = [m for m in ("student", "fedavg", "fedavg_cm", "fedavg_heads")
+                      if m in g.methods]
+                lines += [paired_table(g, s, [*vs, *own]), ""]
         lines += ["### Student minus its own site's teacher", "", teacher_cells_table(g), ""]
     png = paths.get(f"methods_{index}")
     if png:

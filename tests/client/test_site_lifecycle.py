@@ -173,7 +173,8 @@ def test_final_tta_runs_every_model_on_the_8_flipped_copies(data_root, tmp_path,
         model.register_forward_hook(lambda _m, args, _out: windows.append(args[0].shape[0]))
         return model
 
-    monkeypatch.setattr(evaluate_module, "new_student", lambda run: counted(real_new_student(run)))
+    monkeypatch.setattr(evaluate_module, "new_student",
+                        lambda *a: counted(real_new_student(*a)))
     monkeypatch.setattr(evaluate_module, "load_teacher", lambda *a: counted(real_load_teacher(*a)))
     evaluate_site(site, RUN, state, with_teacher=True)
     plain = sum(windows)
@@ -234,8 +235,11 @@ def test_resume_with_another_student_is_refused(tmp_path):
     folder = _folder(tmp_path)
     folder.check_and_write_config()
     folder.save_checkpoint(1, {"w": torch.zeros(1)})
-    with pytest.raises(RuntimeError, match="holds checkpoints of student 'student-tiny'"):
+    with pytest.raises(RuntimeError, match="student with student-model 'student-tiny'"):
         _folder(tmp_path, student_model="student-cpu").check_and_write_config()
+    with pytest.raises(RuntimeError, match="student-heads 'shared', but the run asks for "
+                                           "'population'"):
+        _folder(tmp_path, student_heads="population").check_and_write_config()
     _folder(tmp_path, num_rounds=7).check_and_write_config()  # other settings: allowed
     assert json.loads((folder.path / "config.json").read_text())["num_rounds"] == 7
 
@@ -341,3 +345,25 @@ def test_trust_weight_by_hand():
     assert trust_weight(0.9, 0.8) == 1.0
     assert trust_weight(0.75, 0.8) == pytest.approx(0.0)
     assert trust_weight(0.82, 0.8) == pytest.approx(0.7)
+
+
+def test_with_a_head_per_population_a_site_trains_and_scores_with_its_own(data_root, tmp_path):
+    from fedbrats.common.networks.models import head_population
+
+    site = _site(data_root, tmp_path)
+    run = dataclasses.replace(RUN, student_heads="population", kd_trust="region")
+    train_teacher(site, run)
+    start = new_student(run).net.state_dict()
+    state, metrics = distill_round(site, run, start, server_round=1)
+    moved = {head_population(k) for k, v in state.items() if not torch.equal(v, start[k])}
+    assert moved == {None, "MET"}  # the body and MET's head; every other head exactly as sent
+    assert metrics["supervised"] > 0
+    # the site scores with its own head: a copy of the state whose MET head is another
+    # population's scores differently, one whose GLI head is changed scores the same
+    scores = evaluate_site(site, run, state)["student"]
+    swapped = {k: (state[k.replace(".MET.", ".GLI.")] if head_population(k) == "MET" else v)
+               for k, v in state.items()}
+    other = {k: (v * 0 if head_population(k) == "GLI" and v.is_floating_point() else v)
+             for k, v in state.items()}
+    assert evaluate_site(site, run, other)["student"] == scores
+    assert evaluate_site(site, run, swapped)["student"] != scores

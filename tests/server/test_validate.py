@@ -351,3 +351,59 @@ def test_float16_transfer_with_fedadam_steps_from_the_float32_student(tmp_path):
     assert arrays["conv.weight"].numpy().dtype == np.float32
     # the sites sent back what they got: the step is the float16 rounding, nothing more
     assert np.abs(arrays["conv.weight"].numpy() - sent["conv.weight"]).max() < 0.05
+
+
+# -- a head per population ----------------------------------------------------------------------
+
+
+def test_each_population_head_is_the_mean_of_its_own_sites_only(tmp_path):
+    strategy, folder, _ = _strategy(tmp_path, **{"student-heads": "population",
+                                                 "min-sites": 2})
+    sent = _global()
+    for pop in ("GLI", "SSA", "PED"):
+        sent[f"out.population_heads.{pop}.weight"] = np.full(2, 10.0, np.float32)
+        sent[f"out.population_heads.{pop}.num_batches_tracked"] = np.array(5, np.int64)
+    # every site moves the shared weights and its own head; the other heads come back as sent
+    updates = {}
+    for n, pop in NAMES.items():
+        upd = {k: v.copy() for k, v in sent.items()}
+        upd["conv.bias"] = sent["conv.bias"] + n
+        upd[f"out.population_heads.{pop}.weight"] = np.array([n, -n], np.float32)
+        upd[f"out.population_heads.{pop}.num_batches_tracked"] = np.array(5 + n, np.int64)
+        updates[n] = upd
+    arrays, _ = _round(strategy, sent, updates)
+    np.testing.assert_allclose(arrays["conv.bias"].numpy(), sent["conv.bias"] + 12, rtol=1e-6)
+    for n, pop in NAMES.items():  # not (n + 10 + 10) / 3: the head is its own site's alone
+        np.testing.assert_array_equal(arrays[f"out.population_heads.{pop}.weight"].numpy(),
+                                      [n, -n])
+        assert int(arrays[f"out.population_heads.{pop}.num_batches_tracked"].numpy()) == 5 + n
+    ckpt = torch.load(folder.path / "checkpoints" / "round-001.pt", weights_only=True)
+    assert ckpt["state_dict"]["out.population_heads.PED.weight"].tolist() == [13.0, -13.0]
+    # PED does not reply in round 2: its head stays as it was, the others move on
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), _Grid(NAMES)))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    now = {k: a.numpy() for k, a in arrays.items()}
+    replies = []
+    for n in (11, 12):
+        upd = {k: v.copy() for k, v in now.items()}
+        upd[f"out.population_heads.{NAMES[n]}.weight"] = np.zeros(2, np.float32)
+        replies.append(_reply(by_node[n], upd, 0.1))
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays["out.population_heads.PED.weight"].numpy().tolist() == [13.0, -13.0]
+    assert arrays["out.population_heads.GLI.weight"].numpy().tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"strategy": "fedadam"}, "strategy: expected fedavg or fedprox with student-heads"),
+    ({"dp-noise-multiplier": "0.5"}, "student-heads: expected shared with differential"),
+    ({"secure-aggregation": "true"}, "student-heads: expected shared with differential"),
+    ({"student-init": "warm", "teacher-warm-rounds": "1", "teacher-model": "student-tiny"},
+     "student-init: expected new with student-heads population"),
+])
+def test_population_heads_are_refused_where_a_head_cannot_be_averaged_alone(settings, match):
+    from fedbrats.common.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_run_config({"preset": "tiny", "student-heads": "population", **settings})
+    with pytest.raises(ConfigError, match="student-heads: expected shared or population"):
+        load_run_config({"preset": "tiny", "student-heads": "per-site"})

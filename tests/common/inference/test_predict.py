@@ -352,3 +352,41 @@ def test_predict_case_raises_data_error_for_an_unusable_case(tmp_path, student):
     case_dir = write_case(tmp_path, "BraTS-GLI-00004-000", images, np.eye(4))
     with pytest.raises(DataError, match="t1c file .*empty image"):
         predict_case(student, discover_cases(case_dir)[0])
+
+
+def test_a_student_with_a_head_per_population_segments_with_the_one_asked_for(tmp_path,
+                                                                              capsys):
+    from fedbrats.common.networks.models import head_population, student_spec
+
+    run = dataclasses.replace(RUN, student_heads="population")
+    torch.manual_seed(0)
+    net = build_network(student_spec(run))
+    state = net.state_dict()
+    with torch.no_grad():  # PED's head differs from the others
+        for k, v in state.items():
+            if head_population(k) == "PED" and k.endswith("conv.bias"):
+                v.add_(torch.tensor([-5.0, 0.0, 5.0, 0.0])[: v.numel()].reshape(v.shape))
+    path = tmp_path / "student.pt"
+    save_atomic(path, student_payload(run, state, server_round=3))
+    images, _ = sphere_case((24, 24, 24), (2.0, 2.0, 2.0))
+    case_dir = write_case(tmp_path / "in", "BraTS-PED-00001-000", images,
+                          np.eye(4) * [2, 2, 2, 1])
+    case = discover_cases(case_dir)[0]
+    by_head = {p: predict_case(load_student(path, population=p), case,
+                               apply_postprocess=False).labels for p in ("GLI", "PED", None)}
+    assert load_student(path).heads == ("GLI", "SSA", "PED", "MEN", "MET")
+    assert not np.array_equal(by_head["PED"], by_head["GLI"])
+    out = tmp_path / "out"
+    for population, expected in (("PED", by_head["PED"]), (None, by_head[None])):
+        args = ["--population", population] if population else []
+        rc = main(["predict", "--model", str(path), "--input", str(case_dir), "--out", str(out),
+                   "--no-postprocess", "--device", "cpu", "--no-progress", *args])
+        stdout = capsys.readouterr().out
+        assert rc == 0, stdout
+        assert ("PED's segments" if population else "the mean of all of them segments") in stdout
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(out / "BraTS-PED-00001-000.nii.gz").dataobj), expected)
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(path), "--input", str(case_dir), "--out", str(out),
+              "--population", "ADULT"])
+    assert "invalid choice: 'ADULT'" in capsys.readouterr().err

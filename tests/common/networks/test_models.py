@@ -307,3 +307,78 @@ def test_kd_teacher_with_grad_enabled_stays_untouched(tiny):
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
     student.zero_grad(set_to_none=True)
+
+
+# -- a head per population ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, block", [
+    ("student-tiny", "model.2"),
+    ("teacher-tiny", "conv_final"),
+    (ModelSpec("DynUNet", {"depth": 2, "init_filters": 4}), "output_block"),
+])
+def test_population_heads_replace_the_last_block_once_per_population(spec, block):
+    from fedbrats.common.networks.models import (
+        POPULATION_HEADS,
+        head_population,
+        set_population,
+    )
+
+    plain = build_network(spec)
+    spec = resolve_spec(spec).replace(**{POPULATION_HEADS: ["GLI", "PED"]})
+    torch.manual_seed(0)
+    net = build_network(spec).eval()
+    head = dict(plain.named_modules())[block]
+    # the body once, the last block twice; the spec (and so a model file) says which
+    assert count_parameters(net) == count_parameters(plain) + count_parameters(head)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    owners = {head_population(k) for k in net.state_dict()}
+    assert owners == {None, "GLI", "PED"}
+    assert all(k.startswith(f"{block}.{POPULATION_HEADS}.") for k in net.state_dict()
+               if head_population(k))
+    x = torch.randn(1, C_IN, 16, 16, 16)
+    with torch.no_grad():
+        for p in dict(net.named_modules())[f"{block}.{POPULATION_HEADS}.PED"].parameters():
+            p.add_(0.5)  # make PED's head differ from GLI's
+        gli = set_population(net, "GLI")(x)
+        ped = set_population(net, "PED")(x)
+        mean = set_population(net, None)(x)
+    assert gli.shape == (1, NUM_CLASSES, 16, 16, 16)
+    assert not torch.allclose(gli, ped)
+    torch.testing.assert_close(mean, (gli + ped) / 2)
+    with pytest.raises(ValueError, match="heads for GLI, PED, not for population 'MEN'"):
+        set_population(net, "MEN")
+    with pytest.raises(ValueError, match="unknown population 'XYZ'"):
+        build_network(spec.replace(**{POPULATION_HEADS: ["GLI", "XYZ"]}))
+
+
+def test_a_site_trains_the_body_and_its_own_head_only():
+    from fedbrats.common.networks.models import POPULATION_HEADS, head_population, set_population
+
+    spec = resolve_spec("student-tiny").replace(**{POPULATION_HEADS: ["GLI", "SSA", "PED"]})
+    net = set_population(build_network(spec), "SSA").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net(torch.randn(2, C_IN, 16, 16, 16)).square().mean().backward()
+    opt.step()
+    changed = {head_population(k) for k, v in net.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert changed == {None, "SSA"}
+
+
+def test_population_mean_by_hand():
+    from fedbrats.common.networks.models import population_mean
+
+    def mean(values, weights):
+        return sum(w * v for v, w in zip(values, weights)) / sum(weights)
+
+    states = [{"body.w": 1.0, "h.population_heads.GLI.w": 10.0, "h.population_heads.PED.w": 0.0},
+              {"body.w": 3.0, "h.population_heads.GLI.w": 0.0, "h.population_heads.PED.w": 0.0},
+              {"body.w": 5.0, "h.population_heads.GLI.w": 20.0, "h.population_heads.PED.w": 0.0}]
+    sent = {"h.population_heads.PED.w": 7.0}
+    out = population_mean(states, [1.0, 1.0, 2.0], ["GLI", "SSA", "GLI"], mean, sent)
+    # body: (1 + 3 + 2*5) / 4; GLI: its two sites only, (10 + 2*20) / 3; PED: nobody, as sent
+    assert out == {"body.w": 3.5, "h.population_heads.GLI.w": 50 / 3,
+                   "h.population_heads.PED.w": 7.0}
+    with pytest.raises(ValueError, match="no site of population PED"):
+        population_mean(states, [1.0] * 3, ["GLI", "SSA", "GLI"], mean)
