@@ -35,6 +35,7 @@ from fedbrats.common import wire
 from fedbrats.common.config import RunConfig, SiteConfig, load_run_config, site_from_node_config
 from fedbrats.common.utils.arrays import cast_floats, cast_like
 from fedbrats.common.utils.code import code_location
+from fedbrats.common.utils.timing import process_age
 from fedbrats.common.wire import PUBLIC_KEY_SETTING, WEIGHT_KEY
 
 app = ClientApp()
@@ -200,6 +201,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg_train(msg):  # secure aggregation: Flower's SecAgg+ masks what we return
         key = context.node_config.get(PUBLIC_KEY_SETTING)
         return secagg_train(msg, context, str(key) if key else None)
+    age = process_age()  # in deployment each message has a new process: its start-up so far
     if (refused := _refuse_unsigned(msg, context)) is not None:
         return refused
     run, site = _setup(context)
@@ -211,6 +213,8 @@ def train(msg: Message, context: Context) -> Message:
         run = run.baseline_run()
     state, metrics = distill_round(site, run, student, server_round, proximal_mu=mu)
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
+    if age is not None:
+        record["process_age_s"] = float(age)
     record[WEIGHT_KEY] = _weight(run, site)
     # answered in the precision it was sent (transfer-dtype); trained in the model's own
     sent = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}

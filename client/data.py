@@ -70,17 +70,25 @@ def site_cases(site: SiteConfig) -> list[Case]:
     return [c for c in cases if c.seg is not None]
 
 
+CASE_CACHE = "case-cache"
+"""Folder in the site's work folder where its preprocessed cases are kept between processes."""
+
+
 def load_site_data(site: SiteConfig, run: RunConfig) -> SiteData:
-    """The site's cached train and validation datasets (built once per process and site)."""
+    """The site's train and validation datasets: built once per process and site, from the
+    preprocessed cases kept in ``work-dir/case-cache`` (preprocessed there on first use, again
+    for a changed file or setting), so that a new process (in deployment, every message) does
+    not read and resample every case again."""
     key = (str(site.data_dir.resolve()), str(site.manifest), site.labels, run.spacing,
            run.patch_size, run.val_fraction, run.seed)
     if key not in _DATA_CACHE:
         train, val = split_cases(site_cases(site), run.val_fraction, run.seed)
         spacing = (run.spacing,) * 3
+        kept = site.work_dir / CASE_CACHE
         _DATA_CACHE[key] = SiteData(
             train, val,
-            build_dataset(train, spacing, (run.patch_size,) * 3, site.labels),
-            build_dataset(val, spacing, None, site.labels),
+            build_dataset(train, spacing, (run.patch_size,) * 3, site.labels, cache_dir=kept),
+            build_dataset(val, spacing, None, site.labels, cache_dir=kept),
         )
     return _DATA_CACHE[key]
 

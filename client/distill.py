@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -150,6 +151,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     """Train the server's student for ``run.local_steps`` steps against the local teacher
     (:class:`LocalTrainer`). Returns the updated student state dict and metrics (mean loss
     terms). The projector stays here."""
+    started = time.monotonic()
     device = select_device(run)
     data = load_site_data(site, run)
     # without distillation terms (a labels-only baseline) no teacher or projector is involved
@@ -177,6 +179,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
                            region_weights=region_weights)
     batches = training_batches(data.train_ds, run.batch_size, seed)
     sums: dict[str, float] = {}
+    first_step_s = time.monotonic() - started  # reading the data, the teacher, the trust
     for _ in range(run.local_steps):
         for k, v in trainer.step(next(batches)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -185,6 +188,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
                     {k: v.detach().cpu() for k, v in projector.state_dict().items()})
     metrics = {("loss" if k == "total" else k): v / run.local_steps for k, v in sums.items()}
     metrics["num_steps"] = run.local_steps
+    metrics["first_step_s"] = first_step_s
     if distil and run.kd_trust != "none":
         metrics["kd_trust"] = trust
         if region_weights is not None:

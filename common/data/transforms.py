@@ -24,11 +24,14 @@ predictions brought back to that grid (:func:`to_input_grid`) are scored.
 
 from __future__ import annotations
 
+import logging
+import pickle
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, MetaTensor
+from monai.data import CacheDataset, MetaTensor, PersistentDataset
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -47,6 +50,8 @@ from monai.transforms import (
 
 from fedbrats.common.data.cases import Case, DataError, load_case
 from fedbrats.common.data.labels import DEFAULT_CONVENTION
+
+log = logging.getLogger(__name__)
 
 IMAGE, LABEL = "image", "label"
 INPUT_LABEL = "label_input"
@@ -134,6 +139,59 @@ def augmentation(patch_size: Sequence[int], pos_fraction: float = 2 / 3) -> list
     ]
 
 
+PREPROCESSING_VERSION = 1
+"""Bumped whenever :func:`preprocessing` changes what it produces: cases kept on disk by an
+older version (:func:`build_dataset` with a ``cache_dir``) are then preprocessed again."""
+
+
+def case_cache_key(settings: Mapping[str, object]):
+    """The ``hash_func`` of a site's persistent case cache: a case's key covers its id, every
+    file's path, size and modification time, the preprocessing settings and
+    :data:`PREPROCESSING_VERSION`, so that a changed file or setting is preprocessed again."""
+    import hashlib
+    import json
+
+    def key(item: Mapping[str, object]) -> bytes:
+        case = item["case"]
+        if not isinstance(case, Case):
+            raise TypeError(f"expected a Case under 'case', got {type(case).__name__}")
+        files = []
+        for name, path in case.files():
+            st = path.stat()
+            files.append([name, str(path.resolve()), st.st_size, st.st_mtime_ns])
+        text = json.dumps({"case": case.case_id, "files": files, "settings": settings,
+                           "version": PREPROCESSING_VERSION}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32].encode()
+
+    return key
+
+
+class _KeptCases(PersistentDataset):
+    """MONAI's ``PersistentDataset``, but a cache file that cannot be read (torn by a killed
+    process, say) is preprocessed again rather than failing the round."""
+
+    def _cachecheck(self, item_transformed):
+        try:
+            return super()._cachecheck(item_transformed)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            name = self.hash_func(item_transformed).decode("utf-8") + self.transform_hash
+            path = Path(self.cache_dir) / f"{name}.pt"
+            if not path.is_file():
+                raise  # not the cache: a preprocessing error
+            log.warning("%s: a torn cache file (%s); preprocessing the case again", path,
+                        str(e).split(".")[0])
+            path.unlink()
+            return super()._cachecheck(item_transformed)
+
+
+def _surface_data_error(e: RuntimeError) -> BaseException:
+    """MONAI wraps errors in "applying transform ..."; the DataError inside, if any."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, DataError):
+        cause = cause.__cause__
+    return cause if cause is not None else e
+
+
 def build_dataset(
     cases: Sequence[Case],
     spacing: Sequence[float] | None,
@@ -142,31 +200,45 @@ def build_dataset(
     num_workers: int = 0,
     progress: bool = False,
     require_seg: bool = True,
-) -> CacheDataset:
+    cache_dir: Path | None = None,
+):
     """A cached MONAI dataset over ``cases``; training crops when ``patch_size`` is given.
 
     Every case is read, checked and preprocessed once, when the dataset is built; a case that
     fails a check raises :class:`~fedbrats.common.data.cases.DataError` naming it. Without ``patch_size`` (an
     evaluation dataset) each item also carries :data:`INPUT_LABEL`.
+
+    With ``cache_dir`` the preprocessed cases are also kept there (MONAI ``PersistentDataset``,
+    one file per case, keyed by :func:`case_cache_key`), so that a new process (a deployment
+    round) reads them instead of preprocessing every case again; a torn cache file is
+    preprocessed again. Training then keeps them in memory too (``CacheDataset`` over the
+    persistent one); an evaluation dataset reads each case from the cache when it is scored.
     """
     steps = preprocessing(spacing, convention, require_seg=require_seg)
-    if patch_size is not None:
-        steps += augmentation(patch_size)
-    else:
+    if patch_size is None:
         steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
+    data = [{"case": c} for c in cases]
     try:
-        return CacheDataset(
-            data=[{"case": c} for c in cases],
-            transform=Compose(steps),
-            cache_rate=1.0,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    except RuntimeError as e:  # MONAI wraps errors in "applying transform ..."; surface ours
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
-        if cause is None:
+        if cache_dir is None:
+            return CacheDataset(
+                data=data,
+                transform=Compose(steps + (augmentation(patch_size) if patch_size else [])),
+                cache_rate=1.0, num_workers=num_workers, progress=progress)
+        settings = {"spacing": list(spacing) if spacing is not None else None,
+                    "convention": convention, "require_seg": require_seg,
+                    "evaluation": patch_size is None}
+        kept = _KeptCases(data=data, transform=Compose(steps), cache_dir=cache_dir,
+                          hash_func=case_cache_key(settings), track_meta=True,
+                          weights_only=False)  # the site's own files, MetaTensors
+        for i in range(len(kept)):  # preprocess (or check) every case now, as CacheDataset does
+            kept[i]
+        if patch_size is None:
+            return kept
+        return CacheDataset(data=kept, transform=Compose(augmentation(patch_size)),
+                            cache_rate=1.0, num_workers=num_workers, progress=progress)
+    except RuntimeError as e:
+        cause = _surface_data_error(e)
+        if cause is e:
             raise
         raise cause from None
 

@@ -41,6 +41,10 @@ def test_run_finishes_and_report_covers_every_site(sim):
             assert set(scores) == {"WT", "TC", "ET"}
             assert 0.0 <= scores["WT"]["dice"] <= 1.0
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for site in SITES:  # how long each site's round took to start (README, "Each site")
+        train = report["rounds"][1]["train"][site]
+        assert 0 < train["first_step_s"] < 600 and train["process_age_s"] > 0
+        assert (result.output_dir / "sites" / site / "case-cache").is_dir()
     assert (result.output_dir / "population_dice.png").stat().st_size > 1000
     assert "| GLI" in result.report.read_text()
 

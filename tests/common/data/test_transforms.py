@@ -146,3 +146,50 @@ def test_to_input_grid_undoes_reorientation_crop_and_resampling(tmp_path):
     wt_back, wt = back > 0, seg > 0
     dice = 2 * (wt_back & wt).sum() / (wt_back.sum() + wt.sum())
     assert 0.8 < dice < 1.0
+
+
+# -- the cases kept on disk between processes ----------------------------------------------------
+
+
+def test_cases_kept_on_disk_are_not_preprocessed_again_in_a_new_process(tmp_path, monkeypatch,
+                                                                        caplog):
+    import os
+
+    import fedbrats.common.data.transforms as transforms
+
+    case, _, seg = _lps_anisotropic_case(tmp_path / "data")
+    kept = tmp_path / "kept"
+    reads = []
+    real_load = transforms.load_case
+    monkeypatch.setattr(transforms, "load_case", lambda *a, **k: reads.append(1) or
+                        real_load(*a, **k))
+
+    def build(**kwargs):
+        return (build_dataset([case], (2.0,) * 3, (8,) * 3, cache_dir=kept, **kwargs),
+                build_dataset([case], (2.0,) * 3, None, cache_dir=kept, **kwargs))
+
+    train, val = build()
+    assert len(reads) == 2  # the training and the evaluation form of the case
+    assert len(list(kept.glob("*.pt"))) == 2
+    # a new process: both read from disk, and the evaluation item still undoes its steps
+    train, val = build()
+    assert len(reads) == 2
+    assert first_sample(train[0])[IMAGE].shape == (4, 8, 8, 8)
+    assert np.array_equal(_back_to_input_grid(val, 0),
+                          _back_to_input_grid(build_dataset([case], (2.0,) * 3), 0))
+    assert np.array_equal(val[0][INPUT_LABEL][0].numpy(), seg)
+    reads.clear()
+    # another setting, or a file written again: preprocessed again
+    build_dataset([case], (3.0,) * 3, None, cache_dir=kept)
+    assert len(reads) == 1
+    t1c = case.images["t1c"]
+    os.utime(t1c, ns=(t1c.stat().st_atime_ns, t1c.stat().st_mtime_ns + 10**9))
+    build()
+    assert len(reads) == 3
+    # a torn cache file is preprocessed again, not a crash
+    for f in kept.glob("*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    reads.clear()
+    train, val = build()
+    assert len(reads) == 2 and first_sample(train[0])[IMAGE].shape == (4, 8, 8, 8)
+    assert any("torn cache file" in r.getMessage() for r in caplog.records)
