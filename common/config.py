@@ -82,7 +82,8 @@ class RunConfig:
     """``population``: the student's last block (the one that gives the logits) is kept once
     per population, each trained at and averaged over its own population's sites only, the
     rest of the network shared by all (README, "Why the paediatric core"); a prediction names
-    its population (or takes the mean of the heads). ``shared``: one last block for all."""
+    its population (or takes the mean of the heads). ``shared``: one last block for all.
+    Under DP and SecAgg+ each head comes from the mean alone (``rescale_heads``)."""
     # phase 2: distillation rounds
     num_rounds: int = 60
     local_steps: int = 30
@@ -223,15 +224,6 @@ class RunConfig:
              'none with kd-trust region (the region terms weight the whole volume; set '
              'kd-trust to "site" or "none" to mask by the teacher)')
         need(self.student_heads in STUDENT_HEADS, "student_heads", " or ".join(STUDENT_HEADS))
-        if self.student_heads == "population":
-            need(self.strategy in ("fedavg", "fedprox"), "strategy",
-                 "fedavg or fedprox with student-heads population (each head is the mean of "
-                 "its own population's sites)")
-            need(self.dp_noise_multiplier == 0 and not self.secure_aggregation, "student_heads",
-                 "shared with differential privacy or secure-aggregation (each head is averaged "
-                 "over its own population's sites, outside the noised or masked sum)")
-            need(self.student_init == "new", "student_init",
-                 "new with student-heads population (the warm start has one last block)")
         need(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
              " or ".join(TRANSFER_DTYPES))
         need(not (self.secure_aggregation and self.transfer_dtype != "float32"),

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbrats.common import wire
 from fedbrats.common.config import RunConfig, load_run_config
+from fedbrats.common.networks.models import expand_to_heads
 from fedbrats.common.utils.code import code_location
 from fedbrats.server.protocol import (
     check_resumable,
@@ -196,6 +197,8 @@ def _resume_point(run: RunConfig, folder: RunFolder, signer, warm: ArrayRecord |
         arrays = ckpt.state_dict
     elif run.student_init == "warm" and warm is not None:
         arrays = warm.to_torch_state_dict()
+        if run.student_heads == "population":  # every head starts as the warm start's block
+            arrays = expand_to_heads(arrays, initial_student_arrays(run))
     else:
         arrays = initial_student_arrays(run)
     if done:

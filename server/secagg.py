@@ -52,6 +52,7 @@ from flwr.serverapp import Grid
 
 from fedbrats.common import wire
 from fedbrats.common.config import RunConfig
+from fedbrats.common.networks.models import rescale_heads
 from fedbrats.common.wire import KEYS_CONFIG, RANGE_CONFIG
 from fedbrats.server.privacy import noise_std
 from fedbrats.server.protocol import settle_norm_statistics, wait_for_missing_sites
@@ -150,8 +151,13 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
             std = noise_std(run.dp_noise_multiplier, run.dp_clipping_norm, run.num_sites)
             mean_update = [u + np.random.normal(0.0, std, u.shape) for u in mean_update]
             ledger.record_dp(rnd, len(results))
+        before = current
         current = {k: (current[k] + u).astype(dtypes[k]) for k, u in zip(keys, mean_update,
                                                                           strict=True)}
+        # a head per population: from the mean alone, each head its own sites' mean update
+        pops = [ledger.site_of(proxy.node_id) for proxy, _ in results]
+        current = {k: np.asarray(v).astype(dtypes[k], copy=False) for k, v in rescale_heads(
+            current, before, pops, [1.0] * len(pops)).items()}
         current = settle_norm_statistics(current, [], [], noised=True)  # variances >= 0
         ledger.commit(rnd, current)
         flwr_log(INFO, "fedbrats: round %d/%d: SecAgg+ mean of %d sites in %.1f s; student "

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbrats.common.config import RunConfig
-from fedbrats.common.networks.models import head_population, population_mean
+from fedbrats.common.networks.models import head_population, population_mean, rescale_heads
 from fedbrats.common.utils.arrays import transfer_copy
 from fedbrats.common.wire import ARRAYS, METRICS, WEIGHT_KEY
 from fedbrats.server.ledger import RoundLedger
@@ -175,18 +175,27 @@ class RecordingMixin:
     def _settle_population_heads(self, arrays: ArrayRecord, replies: list[Message]) -> None:
         """A student with a head per population (``student-heads = "population"``): each
         head is the weighted mean over its own population's replies only (the others return it
-        untouched), and stays as sent when none of them replied."""
+        untouched), and stays as sent when none of them replied. Under differential privacy
+        it is computed from the noised mean alone (:func:`rescale_heads`), so that the noise
+        covers it; FedAdam's server step applies to the shared weights only."""
         keys = [k for k in arrays.keys() if head_population(k)]
         if not keys:
             return
+        weights = [float(m.content[METRICS][WEIGHT_KEY]) for m in replies]
+        pops = [self.ledger.site_of(m.metadata.src_node_id) for m in replies]
         sent = self.sent_arrays if self.sent_arrays is not None else arrays
-        settled = population_mean(
-            [{k: m.content[ARRAYS][k].numpy() for k in keys} for m in replies],
-            [float(m.content[METRICS][WEIGHT_KEY]) for m in replies],
-            [self.ledger.site_of(m.metadata.src_node_id) for m in replies],
-            weighted_array_mean, {k: sent[k].numpy() for k in keys})
+        if self.dp:
+            wire = self.sent_wire if self.sent_wire is not None else sent
+            ref = _like(wire, sent) if wire is not sent else sent  # what the sites were sent
+            settled = rescale_heads({k: arrays[k].numpy() for k in keys},
+                                    {k: ref[k].numpy() for k in keys}, pops, weights)
+        else:
+            settled = population_mean(
+                [{k: m.content[ARRAYS][k].numpy() for k in keys} for m in replies], weights,
+                pops, weighted_array_mean, {k: sent[k].numpy() for k in keys})
         for k, v in settled.items():
-            arrays[k] = Array(np.array(v, copy=True, order="C"))
+            arrays[k] = Array(np.array(v, copy=True, order="C").astype(
+                arrays[k].numpy().dtype, copy=False))
 
     def _valid_update(self, rnd: int, msg: Message) -> bool:
         """Check a site's returned student against the one sent; log and audit a reject."""

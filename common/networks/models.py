@@ -93,8 +93,10 @@ __all__ = [
     "TappedModel",
     "build_network",
     "build_projector",
+    "expand_to_heads",
     "head_population",
     "population_mean",
+    "rescale_heads",
     "set_population",
     "student_spec",
     "count_parameters",
@@ -467,6 +469,50 @@ def population_mean(states: Sequence[Mapping[str, Any]], weights: Sequence[float
             out[key] = sent[key]
             continue
         out[key] = mean([states[i][key] for i in idx], [weights[i] for i in idx])
+    return out
+
+
+def rescale_heads(aggregate: Mapping[str, Any], sent: Mapping[str, Any],
+                  populations: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+    """Each population head of an aggregate that only a mean over *all* sites gave (SecAgg+,
+    or the noised mean of differential privacy): ``sent + (mean - sent) / share``, ``share``
+    the weight of that population's sites in the mean (a head stays as sent without them).
+    The other sites returned the head as they got it, so this is their own sites' mean; being
+    computed from the aggregate alone, it is post-processing of it (DP holds; the noise on a
+    head grows by ``1 / share``). Shared weights are returned as they are."""
+    total = float(sum(weights))
+    out = dict(aggregate)
+    for key, value in aggregate.items():
+        owner = head_population(key)
+        if owner is None:
+            continue
+        share = sum(float(w) for p, w in zip(populations, weights) if p == owner) / total
+        if share == 0 or not _is_floating(value):
+            out[key] = sent[key]
+            continue
+        out[key] = sent[key] + (value - sent[key]) / share
+    return out
+
+
+def _is_floating(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    import numpy as np
+
+    return dtype is not None and np.issubdtype(dtype, np.floating)
+
+
+def expand_to_heads(state: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``state`` of a network with one last block, laid out for ``keys`` (the state-dict keys
+    of the same network with a head per population): every head starts as that block."""
+    out = {}
+    for key in keys:
+        owner = head_population(key)
+        base = key.replace(f".{POPULATION_HEADS}.{owner}", "") if owner else key
+        if base not in state:
+            raise KeyError(f"{key!r}: the state has no {base!r} to start the head from")
+        out[key] = state[base]
     return out
 
 

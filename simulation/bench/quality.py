@@ -396,9 +396,11 @@ def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
     ``after_round(round, global_state)`` is called after each aggregation; ``init``: the
     student to start from (default: the run's new student).
     """
-    from fedbrats.common.networks.models import new_student, population_mean
+    from fedbrats.common.networks.models import expand_to_heads, new_student, population_mean
 
-    start = init if init is not None else new_student(run).net.state_dict()
+    start = new_student(run).net.state_dict()
+    if init is not None:  # a warm start of one last block: every head starts as it
+        start = expand_to_heads(init, start) if set(init) != set(start) else init
     state = {k: v.detach().clone() for k, v in start.items()}
     updates: dict[str, dict] = {}
     for rnd in range(1, run.num_rounds + 1):

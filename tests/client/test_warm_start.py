@@ -81,3 +81,21 @@ def test_teachers_stored_before_the_setting_stay_valid():
 def test_warm_start_settings_are_checked(changes, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(PRESETS["cpu-demo"], **changes)
+
+
+def test_a_student_with_heads_starts_each_head_from_the_warm_starts_last_block(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from fedbrats.common.networks.models import head_population
+    from fedbrats.server.app import _resume_point
+    from fedbrats.server.state import RunFolder
+
+    run = dataclasses.replace(RUN, teacher_model="student-tiny", student_init="warm",
+                              student_heads="population", output_dir=str(tmp_path / "run"))
+    warm = _state(run)
+    done, _, arrays, _ = _resume_point(run, RunFolder(run), None, ArrayRecord(warm))
+    heads = [k for k in arrays if head_population(k)]
+    assert done == 0 and len(heads) == 5 * sum(k.startswith("model.2.") for k in warm)
+    for key, value in arrays.items():
+        base = key.replace(f".population_heads.{head_population(key)}", "")
+        assert torch.equal(value, warm[base])

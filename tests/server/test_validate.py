@@ -393,17 +393,50 @@ def test_each_population_head_is_the_mean_of_its_own_sites_only(tmp_path):
     assert arrays["out.population_heads.GLI.weight"].numpy().tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("settings, match", [
-    ({"strategy": "fedadam"}, "strategy: expected fedavg or fedprox with student-heads"),
-    ({"dp-noise-multiplier": "0.5"}, "student-heads: expected shared with differential"),
-    ({"secure-aggregation": "true"}, "student-heads: expected shared with differential"),
-    ({"student-init": "warm", "teacher-warm-rounds": "1", "teacher-model": "student-tiny"},
-     "student-init: expected new with student-heads population"),
+def _heads_round(strategy, sent, pops_of_nodes=NAMES):
+    """Every site moves the shared bias by its node id and its own head to (n, -n)."""
+    updates = {}
+    for n, pop in pops_of_nodes.items():
+        upd = {k: v.copy() for k, v in sent.items()}
+        upd["conv.bias"] = sent["conv.bias"] + n
+        upd[f"out.population_heads.{pop}.weight"] = np.array([n, -n], np.float32)
+        updates[n] = upd
+    return _round(strategy, sent, updates)
+
+
+def _sent_with_heads():
+    sent = _global()
+    for pop in ("GLI", "SSA", "PED", "MEN"):
+        sent[f"out.population_heads.{pop}.weight"] = np.full(2, 10.0, np.float32)
+    return sent
+
+
+@pytest.mark.parametrize("settings", [
+    {"strategy": "fedadam"},  # the server's step for the shared weights only
+    {"dp-noise-multiplier": "1e-9", "dp-clipping-norm": "1e3"},  # from the noised mean alone
 ])
-def test_population_heads_are_refused_where_a_head_cannot_be_averaged_alone(settings, match):
+def test_population_heads_with_fedadam_and_differential_privacy(tmp_path, settings):
+    strategy, _, _ = _strategy(tmp_path, **{"student-heads": "population", **settings})
+    sent = _sent_with_heads()
+    arrays, _ = _heads_round(strategy, sent)
+    for n, pop in NAMES.items():
+        np.testing.assert_allclose(arrays[f"out.population_heads.{pop}.weight"].numpy(),
+                                   [n, -n], rtol=1e-5)
+    np.testing.assert_array_equal(arrays["out.population_heads.MEN.weight"].numpy(), [10, 10])
+    if "strategy" in settings:  # Adam stepped the bias, it did not average it
+        assert not np.allclose(arrays["conv.bias"].numpy(), sent["conv.bias"] + 12)
+    else:
+        np.testing.assert_allclose(arrays["conv.bias"].numpy(), sent["conv.bias"] + 12,
+                                   rtol=1e-4)
+
+
+def test_population_heads_compose_with_every_setting_but_an_unknown_one():
     from fedbrats.common.config import ConfigError, load_run_config
 
-    with pytest.raises(ConfigError, match=match):
+    for settings in ({"strategy": "fedadam"}, {"dp-noise-multiplier": "0.5"},
+                     {"secure-aggregation": "true"},
+                     {"student-init": "warm", "teacher-warm-rounds": "1",
+                      "teacher-model": "student-tiny"}):
         load_run_config({"preset": "tiny", "student-heads": "population", **settings})
     with pytest.raises(ConfigError, match="student-heads: expected shared or population"):
         load_run_config({"preset": "tiny", "student-heads": "per-site"})

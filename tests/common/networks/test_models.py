@@ -382,3 +382,26 @@ def test_population_mean_by_hand():
                    "h.population_heads.PED.w": 7.0}
     with pytest.raises(ValueError, match="no site of population PED"):
         population_mean(states, [1.0] * 3, ["GLI", "SSA", "GLI"], mean)
+
+
+def test_heads_from_the_mean_alone_and_from_a_single_block_by_hand():
+    import numpy as np
+
+    from fedbrats.common.networks.models import expand_to_heads, rescale_heads
+
+    sent = {"body.w": np.float32(1.0), "h.population_heads.GLI.w": np.float32(2.0),
+            "h.population_heads.PED.w": np.float32(4.0)}
+    # three sites (GLI, GLI, SSA) moved GLI's head to 5 and 8; the SSA site left it at 2:
+    # the mean over all of them is (5 + 8 + 2) / 3 = 5; GLI's own mean is 6.5
+    mean = {"body.w": np.float32(3.0), "h.population_heads.GLI.w": np.float32(5.0),
+            "h.population_heads.PED.w": np.float32(4.0)}
+    out = rescale_heads(mean, sent, ["GLI", "GLI", "SSA"], [1.0, 1.0, 1.0])
+    assert out["body.w"] == 3.0  # shared weights as they are
+    assert out["h.population_heads.GLI.w"] == pytest.approx(2 + (5 - 2) / (2 / 3))  # = 6.5
+    assert out["h.population_heads.PED.w"] == 4.0  # no PED site: as sent
+    one = {"body.w": torch.ones(1), "h.w": torch.full((1,), 7.0)}
+    keys = ["body.w", "h.population_heads.GLI.w", "h.population_heads.PED.w"]
+    expanded = expand_to_heads(one, keys)
+    assert list(expanded) == keys and expanded["h.population_heads.PED.w"].item() == 7.0
+    with pytest.raises(KeyError, match="no 'g.w' to start the head from"):
+        expand_to_heads(one, ["g.population_heads.GLI.w"])
