@@ -78,12 +78,13 @@ class RunConfig:
     """Where phase 2's student starts: ``new`` (seeded initial weights) or ``warm`` (the
     teachers' warm-start network; needs ``teacher-warm-rounds`` > 0 and the teacher's network
     for the student's)."""
-    student_heads: str = "shared"
-    """``population``: the student's last block (the one that gives the logits) is kept once
-    per population, each trained at and averaged over its own population's sites only, the
-    rest of the network shared by all (README, "Why the paediatric core"); a prediction names
-    its population (or takes the mean of the heads). ``shared``: one last block for all.
-    Under DP and SecAgg+ each head comes from the mean alone (``rescale_heads``)."""
+    student_heads: str = "population"
+    """``population`` (the default): the student's last block (the one that gives the logits)
+    is kept once per population, each trained at and averaged over its own population's sites
+    only, the rest of the network shared by all (README, "Why the paediatric core"); a
+    prediction names its population (or takes the mean of the heads). ``shared``: one last
+    block for all. Under DP and SecAgg+ each head comes from the mean alone
+    (``rescale_heads``)."""
     # phase 2: distillation rounds
     num_rounds: int = 60
     local_steps: int = 30

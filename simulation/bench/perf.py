@@ -222,13 +222,17 @@ class PerfSettings:
     """Local steps of the profiled round (0: the preset's)."""
     patch_size: int = 0
     """Training crops of the step, profile and memory measurements (0: the preset's)."""
+    phase2_rounds: int = 0
+    """Distillation rounds of the phase-2 overhead measurement at the preset's scale, five sites
+    with ``make demo``'s data (0: not measured)."""
 
 
 QUICK = PerfSettings(preset="tiny", step_reps=2, site_cases=3, site_shape=48,
                      inference_shape=(32, 32, 32), inference_reps=1, simulation=False,
                      profile_steps=2, patch_size=16)
 FULL = PerfSettings(preset="cpu-demo", step_reps=8, site_cases=16, site_shape=96,
-                    inference_shape=(240, 240, 155), inference_reps=3, simulation=True)
+                    inference_shape=(240, 240, 155), inference_reps=3, simulation=True,
+                    phase2_rounds=6)
 
 
 def _run_config(preset: str, **changes: Any):
@@ -331,12 +335,10 @@ def _in_process_protocol(data_root: Path, work: Path, run, sites: Sequence[str])
     """Everything the simulated sites do (info, teachers, rounds with evaluation, final
     evaluation), with the site functions called in this process; the server's mean in between."""
     from fedbrats.client.data import clear_site_data_cache, site_info
-    from fedbrats.client.distill import distill_round
     from fedbrats.client.evaluate import evaluate_site
     from fedbrats.client.teacher import train_teacher
     from fedbrats.common.config import SiteConfig
     from fedbrats.common.networks.models import new_student
-    from fedbrats.simulation.bench.quality import weighted_mean
 
     clear_site_data_cache()
     cfg = {p: SiteConfig(population=p, data_dir=data_root / p, work_dir=work / p) for p in sites}
@@ -347,13 +349,25 @@ def _in_process_protocol(data_root: Path, work: Path, run, sites: Sequence[str])
         train_teacher(site, run)
     state = dict(new_student(run).net.state_dict())
     for rnd in range(1, run.num_rounds + 1):
-        updates = [distill_round(site, run, state, rnd)[0] for site in cfg.values()]
-        state = weighted_mean(updates, [1.0] * len(updates))
-        for site in cfg.values():
-            evaluate_site(site, run, state)
+        state = _in_process_round(cfg, run, state, rnd)
+        if run.evaluates_round(rnd):
+            for site in cfg.values():
+                evaluate_site(site, run, state)
     for site in cfg.values():
         evaluate_site(site, run, state, with_teacher=True, missing_contrasts=True)
     return time.perf_counter() - t0
+
+
+def _in_process_round(sites: Mapping[str, Any], run, state, rnd: int) -> dict:
+    """One distillation round with the site functions, one site after another, and the
+    server's mean (each population head over its own site)."""
+    from fedbrats.client.distill import distill_round
+    from fedbrats.common.networks.models import population_mean
+    from fedbrats.simulation.bench.quality import weighted_tensor_mean
+
+    updates = [distill_round(site, run, state, rnd)[0] for site in sites.values()]
+    pops = [site.population for site in sites.values()]
+    return population_mean(updates, [1.0] * len(updates), pops, weighted_tensor_mean, state)
 
 
 def _plain_loop(data_root: Path, run, sites: Sequence[str]) -> float:
@@ -440,6 +454,60 @@ def measure_simulation(settings: PerfSettings, work: Path) -> dict[str, Any]:
     }
 
 
+def measure_phase2(settings: PerfSettings, work: Path, cores: int) -> dict[str, Any]:
+    """Phase 2 at the preset's scale: ``phase2_rounds`` distillation rounds of the five sites
+    of ``make demo`` (its phantoms) through Flower's simulation engine, against the same rounds
+    with the site functions in this process (the teachers the simulation trained, the sites
+    one after another, the server's mean in between; evaluation every ``eval-every`` rounds).
+
+    Both run the sites one at a time with ``cores`` torch threads (the simulation gives each
+    virtual site every core, so Ray runs one at a time), so that the ratio is the simulation's
+    own cost: Ray, the SuperLink, the messages. The simulation as ``make demo`` runs it (one
+    core per site, two at a time on two cores) is timed too."""
+    from fedbrats.client.data import clear_site_data_cache
+    from fedbrats.client.evaluate import evaluate_site
+    from fedbrats.common.config import SiteConfig
+    from fedbrats.common.networks.models import new_student
+    from fedbrats.simulation.phantoms import case_counts, write_dataset
+    from fedbrats.simulation.runner import run_simulation
+
+    data = work / "demo-data"
+    if not (data / "MET").exists():
+        write_dataset(data, {p: max(n, 6) for p, n in case_counts(16).items()},
+                      shape=(96, 96, 96), seed=0, progress=False)
+    rounds, every = settings.phase2_rounds, max(1, settings.phase2_rounds // 2)
+    overrides = {"num-rounds": rounds, "eval-every": every, "final-tta": False}
+    run = _run_config(settings.preset, num_rounds=rounds, eval_every=every, final_tta=False)
+    seconds: dict[str, float] = {}
+    for name, cpus in (("one site at a time", float(cores)), ("as make demo", 1.0)):
+        sim_dir = work / f"phase2-{int(cpus)}"
+        if sim_dir.exists():
+            import shutil
+
+            shutil.rmtree(sim_dir)
+        result = run_simulation(sim_dir, data, num_sites=5, preset=settings.preset,
+                                overrides=overrides, cpus_per_site=cpus, stream=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"the simulation failed (exit {result.returncode}); see {sim_dir}")
+        seconds[name] = float(json.loads((sim_dir / "phases.json").read_text())["distillation"])
+    sites = {p: SiteConfig(population=p, data_dir=data / p,
+                           work_dir=work / f"phase2-{cores}" / "sites" / p) for p in POPULATIONS}
+    clear_site_data_cache()  # a new process reads the sites' cases from their case cache
+    with torch_threads(cores):
+        t0 = time.perf_counter()
+        state = dict(new_student(run).net.state_dict())
+        for rnd in range(1, rounds + 1):
+            state = _in_process_round(sites, run, state, rnd)
+            if run.evaluates_round(rnd):
+                for site in sites.values():
+                    evaluate_site(site, run, state)
+        inproc = time.perf_counter() - t0
+    sim = seconds["one site at a time"]
+    return {"preset": settings.preset, "rounds": rounds, "eval_every": every, "cores": cores,
+            "simulation_seconds": sim, "simulation_demo_seconds": seconds["as make demo"],
+            "in_process_seconds": inproc, "ratio": sim / inproc}
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Bytes
 # --------------------------------------------------------------------------------------------
@@ -452,6 +520,19 @@ def _wire_bytes(obj) -> int:
     return len(obj.deflate()) + sum(_wire_bytes(c) for c in children.values())
 
 
+def _distinct_heads(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A new student's population heads are five identical copies, which the wire's deflate
+    would compress away; trained heads differ. A little seeded noise on each makes them so."""
+    import torch
+
+    from fedbrats.common.networks.models import head_population
+
+    gen = torch.Generator().manual_seed(0)
+    return {k: (v + 1e-3 * torch.randn(v.shape, generator=gen)
+                if head_population(k) and v.is_floating_point() else v)
+            for k, v in state.items()}
+
+
 def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
     from flwr.app import ArrayRecord
 
@@ -461,7 +542,7 @@ def measure_bytes(students: Sequence[str]) -> dict[str, Any]:
     out = {}
     for name in students:
         run = _run_config("cpu-demo", student_model=name)
-        state = new_student(run).net.state_dict()
+        state = _distinct_heads(new_student(run).net.state_dict())
         size = sum(v.numel() * 4 for v in state.values())
         wire = _wire_bytes(ArrayRecord(state))  # the student sent, and the update returned
         # transfer-dtype float16: the copy the strategy sends, and a site returns
@@ -747,6 +828,10 @@ def _run_perf(settings: PerfSettings, out_dir: Path, work: Path, command: str, p
     if settings.simulation:
         with section("simulation against one process"):
             results["simulation"] = measure_simulation(settings, work)
+    results["phase2"] = None
+    if settings.phase2_rounds:
+        with section("phase 2 at demo scale: simulation against one process"):
+            results["phase2"] = measure_phase2(settings, work, cores)
     machine = {**machine, "load_average_end": machine_info()["load_average"]}
     return write_report(results, out_dir, command, time.perf_counter() - start, machine, prefix)
 
@@ -773,6 +858,12 @@ def summary_rows(results: Mapping[str, Any]) -> list[list[str]]:
     else:
         rows.append(["simulation wall time / same training steps in one plain loop",
                      "not run (--quick)", "-", "n/a"])
+    p2 = results.get("phase2")
+    if p2:
+        rows.append([f"phase 2 at demo scale ({p2['preset']}, 5 sites, {p2['rounds']} rounds): "
+                     "simulation / the same rounds in one process",
+                     f"{p2['simulation_seconds']:.1f} s", f"{p2['in_process_seconds']:.1f} s",
+                     f"{p2['ratio']:.2f}"])
     for name, b in results["bytes"].items():
         rows.append([f"bytes per site per round ({name}, sent + returned) / 2 x float32 size",
                      f"{2 * b['train_instruction_bytes']:,} B", f"{2 * b['float32_bytes']:,} B",
@@ -863,6 +954,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
     ]
     lines += _md_steps(results)
     lines += _md_simulation(results.get("simulation"))
+    lines += _md_phase2(results.get("phase2"))
     lines += _md_bytes(results)
     lines += _md_inference(results["inference"])
     lines += _md_memory(results)
@@ -932,6 +1024,32 @@ def _md_simulation(sim: Mapping[str, Any] | None) -> list[str]:
     else:
         lines += ["Not run with `--quick` (it starts a SuperLink and Ray).", ""]
     return lines
+
+
+def _md_phase2(p2: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Phase 2 at demo scale: the simulation's own cost", ""]
+    if not p2:
+        return lines + ["Not run with `--quick`.", ""]
+    return lines + [
+        f"`make demo`'s five sites and phantoms, preset `{p2['preset']}`, {p2['rounds']} "
+        f"distillation rounds (evaluated every {p2['eval_every']}), the teachers trained first "
+        "(not timed). Phase 2's wall time in the simulation (`phases.json`) against the same "
+        "rounds with the site functions in this process (`distill_round` per site, the "
+        "server's mean, `evaluate_site` on the evaluated rounds), both running one site at a "
+        f"time with {p2['cores']} torch thread(s): the ratio is what Ray, the SuperLink and the "
+        "messages add.",
+        "",
+        md_table(["run", "seconds"], [
+            ["simulation, one site at a time (each virtual site gets every core)",
+             f"{p2['simulation_seconds']:.1f}"],
+            ["the same rounds in one process", f"{p2['in_process_seconds']:.1f}"],
+            ["simulation as `make demo` runs it (one core per site, sites in parallel)",
+             f"{p2['simulation_demo_seconds']:.1f}"],
+        ], ["l", "r"]),
+        "",
+        f"Ratio: {p2['ratio']:.2f}.",
+        "",
+    ]
 
 
 def _md_bytes(results: Mapping[str, Any]) -> list[str]:

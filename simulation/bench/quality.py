@@ -91,7 +91,8 @@ METHODS: dict[str, str] = {
     "centralised": "centralised, pooled",
     "centralised_nodrop": "centralised, no modality dropout",
     "student": "fedbrats student",
-    "no_trust": "student, distillation not weighted (kd-trust none)",
+    "shared_head": "student, one shared last block (kd-trust region)",
+    "no_trust": "student, distillation not weighted (kd-trust none, one shared block)",
     "no_feature_kd": "student, no feature KD",
     "no_logit_kd": "student, no logit KD",
     "case_weighted": "student, case-weighted mean",
@@ -106,7 +107,6 @@ METHODS: dict[str, str] = {
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
     "student_fp16": "student (kd-trust none), transfer-dtype float16",
-    "heads": "student, a last block per population",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -123,27 +123,33 @@ LABELS_ONLY_VARIANTS: dict[str, dict[str, Any]] = {
 shared network whatever the preset's student has; ``fedavg_heads`` gives it the student's head
 per population (FedPer-like), to tell what the heads do from what distillation does."""
 
+SHARED_HEAD: dict[str, Any] = {"student_heads": "shared"}
+"""The student's last block shared by all populations, as before ``student-heads population``
+became the presets' default: the ablations measured then keep it (their parts stay valid)."""
+
 DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "student": {},
-    "no_trust": {"kd_trust": "none"},
-    "no_feature_kd": {"feature_weight": 0.0},
-    "no_logit_kd": {"logit_weight": 0.0},
-    "case_weighted": {"aggregation": "cases"},
-    "kd_correct": {"kd_mask": "teacher-correct", "kd_trust": "none"},
+    "shared_head": SHARED_HEAD,
+    "no_trust": {"kd_trust": "none", **SHARED_HEAD},
+    "no_feature_kd": {"feature_weight": 0.0, **SHARED_HEAD},
+    "no_logit_kd": {"logit_weight": 0.0, **SHARED_HEAD},
+    "case_weighted": {"aggregation": "cases", **SHARED_HEAD},
+    "kd_correct": {"kd_mask": "teacher-correct", "kd_trust": "none", **SHARED_HEAD},
     "kd_correct_nofeat": {"kd_mask": "teacher-correct", "feature_weight": 0.0,
-                          "kd_trust": "none"},
-    "warm_student": lambda run: warm_split(run),
-    "fedkd": lambda run: {**fedkd_split(run), "kd_trust": "none"},
-    "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site"},
-    "trust": {"kd_trust": "site"},
-    "student_fp16": {"transfer_dtype": "float16", "kd_trust": "none"},
-    "heads": {"student_heads": "population"},
+                          "kd_trust": "none", **SHARED_HEAD},
+    "warm_student": lambda run: {**warm_split(run), **SHARED_HEAD},
+    "fedkd": lambda run: {**fedkd_split(run), "kd_trust": "none", **SHARED_HEAD},
+    "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site", **SHARED_HEAD},
+    "trust": {"kd_trust": "site", **SHARED_HEAD},
+    "student_fp16": {"transfer_dtype": "float16", "kd_trust": "none", **SHARED_HEAD},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
-preset's settings that gives them). The student of the presets weights its distillation by
-region trust (``kd_trust = "region"``); ``fedkd`` and ``student_fp16`` were measured against the
-student before that and keep its ``kd_trust = "none"``, as the teacher-correct mask must (it
-cannot be combined with region trust)."""
+preset's settings that gives them). The student of the presets has a last block per population
+(``student_heads = "population"``) and weights its distillation by region trust (``kd_trust =
+"region"``); ``shared_head`` is that student with one shared last block (the presets' student
+before 2026-12-03). The other variants were measured before either and keep one shared block
+(and ``fedkd``, ``student_fp16`` and the teacher-correct mask, which cannot be combined with
+region trust, ``kd_trust = "none"``)."""
 
 
 def fedkd_split(run: RunConfig) -> dict[str, Any]:
@@ -252,6 +258,8 @@ class QualitySettings:
         if method not in DISTILLATION_VARIANTS:
             for k in DISTILLATION_ONLY:
                 run.pop(k, None)
+        if method in ("teacher", "ensemble", *OWN_TEACHERS_OF):
+            run.pop("student_heads", None)  # no student is trained
         for k, off in KEY_OMITS_WHEN_OFF.items():  # parts made before they existed stay valid
             if run.get(k) == off:
                 run.pop(k, None)
@@ -363,7 +371,7 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]],
     return out
 
 
-def _mean_of(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def weighted_tensor_mean(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """One entry of :func:`weighted_mean`."""
     return weighted_mean([{"v": v} for v in values], weights)["v"]
 
@@ -410,7 +418,7 @@ def federated(sites: Mapping[str, SiteConfig], run: RunConfig, local: LocalFn,
         # each population head over its own population's sites (what the strategy does)
         state = _travelling(population_mean(
             [updates[p] for p in sites], [weights[p] for p in sites],
-            [site.population for site in sites.values()], _mean_of, state), state)
+            [site.population for site in sites.values()], weighted_tensor_mean, state), state)
         if after_round is not None:
             after_round(rnd, state)
         log.info("  round %d/%d done", rnd, run.num_rounds)
@@ -1091,6 +1099,7 @@ __all__ = [
     "run_quality",
     "supervised_round",
     "weighted_mean",
+    "weighted_tensor_mean",
 ]
 
 

@@ -237,9 +237,9 @@ def test_resume_with_another_student_is_refused(tmp_path):
     folder.save_checkpoint(1, {"w": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="student with student-model 'student-tiny'"):
         _folder(tmp_path, student_model="student-cpu").check_and_write_config()
-    with pytest.raises(RuntimeError, match="student-heads 'shared', but the run asks for "
-                                           "'population'"):
-        _folder(tmp_path, student_heads="population").check_and_write_config()
+    with pytest.raises(RuntimeError, match="student-heads 'population', but the run asks for "
+                                           "'shared'"):
+        _folder(tmp_path, student_heads="shared").check_and_write_config()
     _folder(tmp_path, num_rounds=7).check_and_write_config()  # other settings: allowed
     assert json.loads((folder.path / "config.json").read_text())["num_rounds"] == 7
 

@@ -23,7 +23,7 @@ from fedbrats.common.inference.explain import (
     shapley_weight,
 )
 from fedbrats.common.inference.modelfile import student_payload
-from fedbrats.common.networks.models import build_network, resolve_spec
+from fedbrats.common.networks.models import build_network, student_spec
 from fedbrats.common.utils.files import save_atomic
 
 RUN = dataclasses.replace(PRESETS["tiny"], patch_size=16)  # 16^3 windows: fast
@@ -120,7 +120,7 @@ def test_coalition_names_and_dice():
 @pytest.fixture(scope="module")
 def student_file(tmp_path_factory):
     torch.manual_seed(1)
-    net = build_network(resolve_spec("student-tiny"))
+    net = build_network(student_spec(RUN))
     path = tmp_path_factory.mktemp("model") / "student.pt"
     save_atomic(path, student_payload(RUN, net.state_dict(), server_round=2))
     return path

@@ -18,7 +18,7 @@ from fedbrats.common.inference.modelfile import (
     load_student,
     student_payload,
 )
-from fedbrats.common.networks.models import build_network, resolve_spec
+from fedbrats.common.networks.models import build_network, resolve_spec, student_spec
 from fedbrats.common.utils.files import save_atomic
 
 RUN = PRESETS["tiny"]
@@ -27,7 +27,7 @@ RUN = PRESETS["tiny"]
 @pytest.fixture(scope="module")
 def weights():
     torch.manual_seed(0)
-    return build_network(resolve_spec(RUN.student_model)).state_dict()
+    return build_network(student_spec(RUN)).state_dict()
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_round_trip_gives_a_ready_network(student_file, weights):
     assert raw["postprocess"] == {"min_component_mm3": 50.0, "et_min_mm3": 100.0}
 
     student = load_student(student_file)
-    assert student.spec == resolve_spec("student-tiny")
+    assert student.spec == student_spec(RUN)  # student-tiny, a block per population
     assert student.spacing == (4.0, 4.0, 4.0) and student.patch_size == (32, 32, 32)
     assert student.channels == CONTRASTS and student.label_convention == "brats2023"
     assert student.postprocess == PostprocessThresholds(50.0, 100.0)

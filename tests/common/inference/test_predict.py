@@ -24,7 +24,7 @@ from fedbrats.common.inference.modelfile import (
     student_payload,
 )
 from fedbrats.common.inference.predict import output_paths, postprocess, predict_case, write_outputs
-from fedbrats.common.networks.models import build_network, resolve_spec
+from fedbrats.common.networks.models import build_network, resolve_spec, student_spec
 from fedbrats.common.utils.files import save_atomic
 
 RUN = dataclasses.replace(PRESETS["tiny"], patch_size=16)  # 16^3 windows: fast
@@ -34,7 +34,7 @@ NAMES_2021 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
 @pytest.fixture(scope="module")
 def student_file(tmp_path_factory):
     torch.manual_seed(0)
-    net = build_network(resolve_spec("student-tiny"))
+    net = build_network(student_spec(RUN))
     path = tmp_path_factory.mktemp("model") / "student.pt"
     save_atomic(path, student_payload(RUN, net.state_dict(), server_round=2))
     return path
