@@ -60,3 +60,24 @@ def brats2023_site(tmp_path) -> Path:
             save_nifti(site / cid / f"{cid}-{key}.nii.gz", arr)
         save_nifti(site / cid / f"{cid}-seg.nii.gz", seg)
     return site
+
+
+def assert_server_mean(ckpt: dict, updates: dict, before: dict | None = None) -> None:
+    """``ckpt`` (a checkpoint's state dict) is what the server computes from the sites'
+    ``updates`` ({population: state dict}): every shared float array the equal-weight mean over
+    the sites, each population head (the student's last block per population) the mean over
+    its own population's sites; a head with no site among them is as it was in ``before``."""
+    from fedbrats.common.networks.models import head_population
+
+    for key, value in ckpt.items():
+        if not value.is_floating_point():
+            continue
+        owner = head_population(key)
+        own = [u for pop, u in updates.items() if owner in (None, pop)]
+        if not own:
+            if before is not None:
+                assert np.array_equal(value.numpy(), before[key].numpy()), key
+            continue
+        mean = np.mean([u[key].double().numpy() for u in own], axis=0)
+        np.testing.assert_allclose(value.double().numpy(), mean, rtol=1e-5, atol=1e-6,
+                                   err_msg=key)

@@ -5,9 +5,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import assert_server_mean
 
 from fedbrats.common.config import PRESETS
 from fedbrats.simulation.phantoms import write_dataset
@@ -81,29 +81,19 @@ def test_no_teacher_weights_left_any_site(sim):
 
 def test_aggregate_is_the_equal_weight_mean_of_site_updates(sim):
     """Shared weights: the mean over the sites; a population's head (the presets' student has
-    one per population): its own site's update."""
-    from fedbrats.common.networks.models import head_population
-
+    one per population): its own site's update; MEN's and MET's heads, with no site here, never
+    move."""
     _, result = sim
-    first = torch.load(result.output_dir / "checkpoints" / "round-001.pt",
-                       weights_only=True)["state_dict"]
+    before = None
     for rnd in (1, 2):
-        updates = [torch.load(result.output_dir / "updates" / f"round-{rnd:03d}" / f"{s}.pt",
-                              weights_only=True) for s in SITES]
+        updates = {s: torch.load(result.output_dir / "updates" / f"round-{rnd:03d}" / f"{s}.pt",
+                                 weights_only=True) for s in SITES}
         ckpt = torch.load(result.output_dir / "checkpoints" / f"round-{rnd:03d}.pt",
                           weights_only=True)["state_dict"]
-        for key, value in ckpt.items():
-            if not value.is_floating_point():
-                continue
-            owner = head_population(key)
-            own = [u for s, u in zip(SITES, updates) if owner in (None, s)]
-            if owner is not None and not own:  # MEN's and MET's heads: no site, never move
-                assert torch.equal(value, first[key])
-                continue
-            mean = np.mean([u[key].double().numpy() for u in own], axis=0)
-            np.testing.assert_allclose(value.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        assert_server_mean(ckpt, updates, before)
+        before = ckpt
         # the sites really differed, so this is not a trivial mean
-        assert any(not torch.equal(updates[0][k], updates[1][k]) for k in ckpt
+        assert any(not torch.equal(updates["GLI"][k], updates["SSA"][k]) for k in ckpt
                    if ckpt[k].is_floating_point())
 
 
