@@ -22,7 +22,7 @@ settings = dataclasses.replace(q.FULL, fraction=frac, seeds=(seed,))
 work = Path("build/bench/quality")
 with torch_threads(1):
     train_root, test_root = q.prepare_data(settings, work)
-    run = settings.run(seed)
+    run = settings.method_run(seed, "fedavg")  # one shared last block, as the bench's FedAvg
     tests = q.load_test_sets(test_root, run)
     ctx = q.SeedRun(settings, seed, train_root, tests, {}, work)
     state = torch.load(out / f"fedavg-f{frac:g}-s{seed}.pt")
