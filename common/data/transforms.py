@@ -230,9 +230,9 @@ def build_dataset(
         kept = _KeptCases(data=data, transform=Compose(steps), cache_dir=cache_dir,
                           hash_func=case_cache_key(settings), track_meta=True,
                           weights_only=False)  # the site's own files, MetaTensors
-        for i in range(len(kept)):  # preprocess (or check) every case now, as CacheDataset does
-            kept[i]
         if patch_size is None:
+            for i in range(len(kept)):  # preprocess (or check) every case now, as CacheDataset
+                kept[i]  # does below for training (it reads each case once from the cache)
             return kept
         return CacheDataset(data=kept, transform=Compose(augmentation(patch_size)),
                             cache_rate=1.0, num_workers=num_workers, progress=progress)
