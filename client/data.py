@@ -3,6 +3,7 @@ may tell the server, and the seeded batch streams that training draws from."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from monai.data import DataLoader
 from fedbrats.common.config import RunConfig, SiteConfig
 from fedbrats.common.data.cases import Case, check_site, discover_cases
 from fedbrats.common.data.contract import CONTRASTS
-from fedbrats.common.data.transforms import build_dataset
+from fedbrats.common.data.transforms import build_dataset, kept_cases, training_dataset
 from fedbrats.common.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,19 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 
 @dataclass
 class SiteData:
+    """A site's split and datasets. ``kept_train``: the preprocessed training cases kept on disk
+    (no augmentation); ``train_ds`` (training crops, held in memory) is built on first use, so
+    that a round that trains from the teacher's kept outputs does not hold the cases twice."""
+
     train_cases: list[Case]
     val_cases: list[Case]
-    train_ds: object
+    kept_train: object
     val_ds: object
+    patch_size: int
+
+    @functools.cached_property
+    def train_ds(self):
+        return training_dataset(self.kept_train, (self.patch_size,) * 3)
 
 
 _DATA_CACHE: dict[tuple, SiteData] = {}
@@ -86,9 +96,8 @@ def load_site_data(site: SiteConfig, run: RunConfig) -> SiteData:
         spacing = (run.spacing,) * 3
         kept = site.work_dir / CASE_CACHE
         _DATA_CACHE[key] = SiteData(
-            train, val,
-            build_dataset(train, spacing, (run.patch_size,) * 3, site.labels, cache_dir=kept),
-            build_dataset(val, spacing, None, site.labels, cache_dir=kept),
+            train, val, kept_cases(train, spacing, kept, site.labels),
+            build_dataset(val, spacing, None, site.labels, cache_dir=kept), run.patch_size,
         )
     return _DATA_CACHE[key]
 

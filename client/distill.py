@@ -6,7 +6,6 @@ sees them all. The student-to-teacher feature projector stays at the site across
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -15,10 +14,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedbrats.client.data import load_site_data, select_device, training_batches
-from fedbrats.client.teacher import load_teacher, teacher_path
+from fedbrats.client.teacher import load_teacher
+from fedbrats.client.teacher_outputs import teacher_digest, teacher_training_data
 from fedbrats.common.config import RunConfig, SiteConfig
 from fedbrats.common.data.contract import REGIONS
-from fedbrats.common.data.transforms import IMAGE, LABEL
+from fedbrats.common.data.transforms import IMAGE, LABEL, TEACHER_FEATURE, TEACHER_LOGITS
 from fedbrats.common.losses import DistillationLoss, teacher_correct_mask
 from fedbrats.common.networks.models import (
     FeatureProjector,
@@ -114,13 +114,19 @@ class LocalTrainer:
             group["lr"] = lr
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One optimizer step on ``batch`` (``IMAGE``, ``LABEL``); returns the loss terms."""
+        """One optimizer step on ``batch`` (``IMAGE``, ``LABEL``; with the teacher's kept
+        outputs, :data:`TEACHER_LOGITS` and its features, the teacher is not run); returns the
+        loss terms."""
         run, device = self.run, self.device
         x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
         x_student = student_input(x, run, self.gen)
         with torch.autocast(device.type, enabled=self.amp):
             t_logits = t_feats = None
-            if self.teacher is not None:
+            if self.teacher is not None and TEACHER_LOGITS in batch:  # kept (teacher-cache)
+                t_logits = batch[TEACHER_LOGITS].to(device).float()
+                t_feats = {tap: batch[TEACHER_FEATURE + tap].to(device).float()
+                           for tap in self.teacher.taps}
+            elif self.teacher is not None:
                 with torch.no_grad():
                     t_logits, t_feats = self.teacher(x)
             s_logits, s_feats = self.student(x_student)
@@ -177,9 +183,11 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
     trainer = LocalTrainer(student, run, device, run.round_lr(server_round), seed,
                            teacher=teacher, projector=projector, proximal_mu=proximal_mu,
                            region_weights=region_weights)
-    batches = training_batches(data.train_ds, run.batch_size, seed)
+    train_ds = (teacher_training_data(site, run, teacher, device)
+                if distil and run.teacher_cache else data.train_ds)
+    batches = training_batches(train_ds, run.batch_size, seed)
     sums: dict[str, float] = {}
-    first_step_s = time.monotonic() - started  # reading the data, the teacher, the trust
+    first_step_s = time.monotonic() - started  # the data, the teacher (its outputs), the trust
     for _ in range(run.local_steps):
         for k, v in trainer.step(next(batches)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -225,7 +233,7 @@ def _teacher_val_dice(site: SiteConfig, run: RunConfig, teacher: TappedModel,
     """The frozen teacher's validation Dice, computed once and kept in the work folder beside
     the teacher (keyed by the teacher file's digest and the validation cases)."""
     data = load_site_data(site, run)
-    digest = hashlib.sha256(teacher_path(site).read_bytes()).hexdigest()
+    digest = teacher_digest(site)
     key = {"teacher": digest, "val": [c.case_id for c in data.val_cases],
            "patch_size": run.patch_size, "spacing": run.spacing}
     path = site.work_dir / TEACHER_VAL_FILE

@@ -110,6 +110,14 @@ class RunConfig:
     """Where the logit distillation applies: ``none`` everywhere; ``teacher-correct`` only on
     voxels where the teacher's class is the label's, so that a weak teacher's mistakes are
     not distilled (the labels supervise the rest)."""
+    teacher_cache: bool = False
+    """``true``: the frozen teacher's outputs (logits and tapped features, float16) computed once
+    per training case on the model grid and kept in ``work-dir/teacher-cache``, cropped and flipped
+    with the case, instead of a teacher forward pass at every step; rebuilt when the teacher or
+    the preprocessing changes. The teacher then sees the case without the student's intensity
+    augmentation, and crops start on a multiple of the teacher's coarsest feature stride
+    (README, "The teacher's outputs, kept"). ``false`` (the default until the quality benchmark
+    has measured it): the teacher runs at every step."""
     modality_dropout: bool = True
     dropout_prob: float = 0.1
     dropout_contrasts: str = "t1n,t1c,t2w"

@@ -24,6 +24,7 @@ predictions brought back to that grid (:func:`to_input_grid`) are scored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 from collections.abc import Hashable, Mapping, Sequence
@@ -36,6 +37,8 @@ from monai.transforms import (
     Compose,
     CopyItemsd,
     CropForegroundd,
+    DeleteItemsd,
+    DivisiblePadd,
     Invertd,
     MapTransform,
     NormalizeIntensityd,
@@ -43,10 +46,13 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
+    Randomizable,
     RandShiftIntensityd,
+    SpatialCrop,
     Spacingd,
     SpatialPadd,
 )
+from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
 
 from fedbrats.common.data.cases import Case, DataError, load_case
 from fedbrats.common.data.labels import DEFAULT_CONVENTION
@@ -178,18 +184,40 @@ class _KeptCases(PersistentDataset):
             path = Path(self.cache_dir) / f"{name}.pt"
             if not path.is_file():
                 raise  # not the cache: a preprocessing error
-            log.warning("%s: a torn cache file (%s); preprocessing the case again", path,
+            log.warning("%s: a torn cache file (%s); refused, computing it again", path,
                         str(e).split(".")[0])
             path.unlink()
             return super()._cachecheck(item_transformed)
 
 
-def _surface_data_error(e: RuntimeError) -> BaseException:
-    """MONAI wraps errors in "applying transform ..."; the DataError inside, if any."""
-    cause: BaseException | None = e
-    while cause is not None and not isinstance(cause, DataError):
-        cause = cause.__cause__
-    return cause if cause is not None else e
+@contextlib.contextmanager
+def _data_errors_surfaced():
+    """MONAI wraps errors in "applying transform ..."; raise the DataError inside, if any."""
+    try:
+        yield
+    except RuntimeError as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def kept_cases(cases: Sequence[Case], spacing: Sequence[float] | None, cache_dir: Path,
+               convention: str = DEFAULT_CONVENTION, require_seg: bool = True,
+               evaluation: bool = False) -> PersistentDataset:
+    """``cases`` after :func:`preprocessing`, kept in ``cache_dir`` (MONAI ``PersistentDataset``,
+    one file per case keyed by :func:`case_cache_key`; a torn file is preprocessed again). An
+    evaluation dataset's items also carry :data:`INPUT_LABEL`."""
+    steps = preprocessing(spacing, convention, require_seg=require_seg)
+    if evaluation:
+        steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
+    settings = {"spacing": list(spacing) if spacing is not None else None,
+                "convention": convention, "require_seg": require_seg, "evaluation": evaluation}
+    return _KeptCases(data=[{"case": c} for c in cases], transform=Compose(steps),
+                      cache_dir=cache_dir, hash_func=case_cache_key(settings), track_meta=True,
+                      weights_only=False)  # the site's own files, MetaTensors
 
 
 def build_dataset(
@@ -218,29 +246,227 @@ def build_dataset(
     if patch_size is None:
         steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
     data = [{"case": c} for c in cases]
-    try:
+    with _data_errors_surfaced():
         if cache_dir is None:
             return CacheDataset(
                 data=data,
                 transform=Compose(steps + (augmentation(patch_size) if patch_size else [])),
                 cache_rate=1.0, num_workers=num_workers, progress=progress)
-        settings = {"spacing": list(spacing) if spacing is not None else None,
-                    "convention": convention, "require_seg": require_seg,
-                    "evaluation": patch_size is None}
-        kept = _KeptCases(data=data, transform=Compose(steps), cache_dir=cache_dir,
-                          hash_func=case_cache_key(settings), track_meta=True,
-                          weights_only=False)  # the site's own files, MetaTensors
+        kept = kept_cases(cases, spacing, cache_dir, convention, require_seg,
+                          evaluation=patch_size is None)
         if patch_size is None:
             for i in range(len(kept)):  # preprocess (or check) every case now, as CacheDataset
                 kept[i]  # does below for training (it reads each case once from the cache)
             return kept
+        return training_dataset(kept, patch_size, num_workers, progress)
+
+
+def training_dataset(kept: PersistentDataset, patch_size: Sequence[int], num_workers: int = 0,
+                     progress: bool = False) -> CacheDataset:
+    """Training crops (:func:`augmentation`) of the cases in ``kept`` (:func:`kept_cases`), each
+    read once from the cache and held in memory."""
+    with _data_errors_surfaced():
         return CacheDataset(data=kept, transform=Compose(augmentation(patch_size)),
                             cache_rate=1.0, num_workers=num_workers, progress=progress)
-    except RuntimeError as e:
-        cause = _surface_data_error(e)
-        if cause is e:
-            raise
-        raise cause from None
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher's outputs, computed once per case (run setting teacher-cache)
+# --------------------------------------------------------------------------------------------
+
+TEACHER_LOGITS = "teacher_logits"
+"""Key of the frozen teacher's logits (``C, H, W, D`` float16) on the case's padded grid."""
+TEACHER_FEATURE = "teacher_feature:"
+"""Prefix of the keys of the teacher's tapped features (``TEACHER_FEATURE + tap``), each
+``C_tap, H / s, W / s, D / s`` float16 for the tap's stride ``s``."""
+
+
+def teacher_padding(patch_size: Sequence[int], divisor: int) -> list:
+    """Zero padding (the brain's mean after normalisation) of a case to at least the patch and a
+    multiple of ``divisor`` per axis: the grid on which the teacher's outputs are kept."""
+    keys = [IMAGE, LABEL]
+    return [SpatialPadd(keys=keys, spatial_size=tuple(int(p) for p in patch_size)),
+            DivisiblePadd(keys=keys, k=int(divisor))]
+
+
+class TeacherOutputsd(MapTransform):
+    """Run a frozen teacher (a ``TappedModel``) once over the whole case under ``image`` and keep
+    its logits (:data:`TEACHER_LOGITS`) and tapped features (:data:`TEACHER_FEATURE` + tap),
+    float16 on the CPU. The teacher sees windows of ``roi_size`` (the training crop, so that
+    its normalisation layers see what they saw in training), blended by MONAI's
+    ``sliding_window_inference`` (Gaussian weights; the features on their own coarser grids).
+    The case must already be padded (:func:`teacher_padding`)."""
+
+    def __init__(self, teacher: torch.nn.Module, device: torch.device, roi_size: Sequence[int],
+                 overlap: float, amp: bool = False) -> None:
+        super().__init__(keys=[IMAGE])
+        self.teacher, self.device, self.amp = teacher, device, amp and device.type == "cuda"
+        self.roi_size, self.overlap = tuple(int(r) for r in roi_size), float(overlap)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from monai.inferers import sliding_window_inference
+
+        d = dict(data)
+        image = d[IMAGE]
+        x = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))
+        taps = list(self.teacher.taps)
+
+        def predictor(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits, feats = self.teacher(window)
+            return (logits, *(feats[t] for t in taps))
+
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+                outs = sliding_window_inference(
+                    x.float()[None].to(self.device), roi_size=self.roi_size, sw_batch_size=2,
+                    predictor=predictor, overlap=self.overlap, mode="gaussian")
+        finally:
+            self.teacher.train(was_training)
+        d[TEACHER_LOGITS] = torch.as_tensor(outs[0])[0].detach().to("cpu", torch.float16)
+        for tap, f in zip(taps, outs[1:]):
+            d[TEACHER_FEATURE + tap] = torch.as_tensor(f)[0].detach().to("cpu", torch.float16)
+        return d
+
+
+class RandAlignedCropd(Randomizable, MapTransform):
+    """A random crop centred on tumour with probability ``pos`` (else on brain), as MONAI's
+    ``RandCropByPosNegLabeld`` draws it, but with the crop's start on a multiple of ``stride``
+    on every axis, so that keys on a coarser grid (``coarse_keys``: key -> its stride, which
+    divides ``stride``) are cropped at exactly the same place. ``keys`` are on the label's grid,
+    which must be a multiple of ``stride`` and at least ``spatial_size``; the drawn voxel stays
+    inside its crop as long as ``stride <= spatial_size / 2``."""
+
+    def __init__(self, keys: Sequence[str], label_key: str, image_key: str,
+                 spatial_size: Sequence[int], stride: int, pos: float,
+                 coarse_keys: Mapping[str, int] | None = None) -> None:
+        MapTransform.__init__(self, keys)
+        self.label_key, self.image_key = label_key, image_key
+        self.size = tuple(int(v) for v in spatial_size)
+        self.stride, self.pos = int(stride), float(pos)
+        self.coarse = dict(coarse_keys or {})
+        if any(v % self.stride or 2 * self.stride > v for v in self.size):
+            raise ValueError(f"crop {self.size} must be a multiple of the stride {self.stride} "
+                             f"and at least twice it on every axis")
+        if any(self.stride % f for f in self.coarse.values()):
+            raise ValueError(f"coarse strides {self.coarse} must divide {self.stride}")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        label = d[self.label_key]
+        shape = tuple(int(v) for v in label.shape[1:])
+        if any(n % self.stride or n < p for n, p in zip(shape, self.size)):
+            raise ValueError(f"{d.get('case_id', 'a case')}: grid {shape} is not a multiple of "
+                             f"{self.stride} of at least {self.size}; pad it first")
+        fg, bg = map_binary_to_indices(label, d[self.image_key], 0.0)
+        centre = generate_pos_neg_label_crop_centers(self.size, 1, self.pos, shape, fg, bg,
+                                                     self.R)[0]
+        start = [min(max(0, (int(c) - p // 2) // self.stride * self.stride), n - p)
+                 for c, p, n in zip(centre, self.size, shape)]
+        end = [a + p for a, p in zip(start, self.size)]
+        for key in self.key_iterator(d):
+            d[key] = SpatialCrop(roi_start=start, roi_end=end)(d[key])
+        for key, f in self.coarse.items():
+            d[key] = SpatialCrop(roi_start=[a // f for a in start],
+                                 roi_end=[b // f for b in end])(d[key])
+        return d
+
+
+def teacher_augmentation(patch_size: Sequence[int], stride: int,
+                         feature_strides: Mapping[str, int],
+                         pos_fraction: float = 2 / 3) -> list:
+    """:func:`augmentation` for cases that carry the teacher's outputs: the crop aligned to
+    ``stride`` (:class:`RandAlignedCropd`), the flips applied to the teacher's logits and
+    features too, the intensity changes to the image only (the teacher saw the case
+    without them)."""
+    coarse = {TEACHER_FEATURE + tap: int(f) for tap, f in feature_strides.items()}
+    fine = [IMAGE, LABEL, TEACHER_LOGITS]
+    every = fine + list(coarse)
+    return [
+        RandAlignedCropd(fine, LABEL, IMAGE, patch_size, stride, pos_fraction, coarse),
+        *[RandFlipd(keys=every, prob=0.5, spatial_axis=a) for a in range(3)],
+        RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=0.5),
+    ]
+
+
+class _Mapped(torch.utils.data.Dataset):
+    """``dataset`` with a deterministic ``transform`` applied to each item when it is read."""
+
+    def __init__(self, dataset, transform: Compose) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.dataset[i])
+
+
+class _WithTeacherOutputs(torch.utils.data.Dataset):
+    """A padded case joined with its kept teacher outputs."""
+
+    def __init__(self, cases: _Mapped, outputs: PersistentDataset, cache_dir: Path) -> None:
+        self.cases, self.outputs, self.cache_dir = cases, outputs, cache_dir
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict:
+        item, out = self.cases[i], self.outputs[i]
+        grid = tuple(item[LABEL].shape[1:])
+        if out.get("case_id") != item["case_id"] or tuple(out[TEACHER_LOGITS].shape[1:]) != grid:
+            raise DataError(f"{self.cache_dir}: the teacher outputs kept for "
+                            f"{item['case_id']} do not fit it (case {out.get('case_id')!r}, grid "
+                            f"{tuple(out[TEACHER_LOGITS].shape[1:])}, expected {grid}); delete "
+                            "the folder to compute them again")
+        return {**item, **{k: v for k, v in out.items()
+                           if k == TEACHER_LOGITS or str(k).startswith(TEACHER_FEATURE)}}
+
+
+TEACHER_OUTPUTS_VERSION = 1
+"""Bumped whenever :class:`TeacherOutputsd` or :func:`teacher_padding` change what is kept."""
+
+
+def teacher_outputs_dataset(kept: PersistentDataset, teacher: torch.nn.Module,
+                            device: torch.device, cache_dir: Path, teacher_digest: str,
+                            patch_size: Sequence[int], divisor: int,
+                            feature_strides: Mapping[str, int], overlap: float = 0.25,
+                            amp: bool = False):
+    """Training crops of the cases in ``kept`` (:func:`kept_cases`) with the frozen teacher's
+    outputs (:class:`TeacherOutputsd`), computed once per case and kept in ``cache_dir``
+    (a ``PersistentDataset`` keyed by the case's own key, ``teacher_digest`` and the padding:
+    a changed case, teacher or setting computes them again; a torn file is refused and computed
+    again), held in memory (``CacheDataset``) and cropped and flipped with the case
+    (:func:`teacher_augmentation`, aligned to the coarsest feature stride)."""
+    import hashlib
+    import json
+
+    patch = tuple(int(p) for p in patch_size)
+    stride = max([1, *feature_strides.values()])
+    settings = {"teacher": teacher_digest, "patch_size": list(patch), "divisor": int(divisor),
+                "overlap": float(overlap), "version": TEACHER_OUTPUTS_VERSION}
+    case_keys = {}
+    for item in kept.data:
+        case = item["case"]
+        case_keys[case.case_id] = kept.hash_func(item).decode()
+
+    def key(item: Mapping[str, object]) -> bytes:
+        text = json.dumps({"case": case_keys[str(item["case_id"])], **settings}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32].encode()
+
+    pad = Compose(teacher_padding(patch, divisor))
+    padded = _Mapped(kept, pad)
+    outputs = _KeptCases(
+        data=padded, transform=Compose([TeacherOutputsd(teacher, device, patch, overlap, amp),
+                                        DeleteItemsd(keys=[IMAGE, LABEL, "present"])]),
+        cache_dir=cache_dir, hash_func=key, weights_only=False)
+    with _data_errors_surfaced():
+        return CacheDataset(
+            data=_WithTeacherOutputs(padded, outputs, cache_dir),
+            transform=Compose(teacher_augmentation(patch, stride, feature_strides)),
+            cache_rate=1.0, num_workers=0, progress=False)
 
 
 def to_input_grid(volume: torch.Tensor, image: MetaTensor, transform: Compose) -> np.ndarray:

@@ -259,27 +259,41 @@ def _sync(device) -> None:
 
 def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
     """Median seconds of a supervised student step, a distillation step (the body of
-    ``distill_round``) and a teacher training step, interleaved on the same batch."""
+    ``distill_round``) with the teacher run at the step and with its kept outputs
+    (``teacher-cache``), and a teacher training step, interleaved on the same batch (the kept
+    outputs: of that batch's crop)."""
+    import math
+    import tempfile
+
     import torch
 
     from fedbrats.client.data import load_site_data, training_batches
     from fedbrats.client.distill import LocalTrainer
-    from fedbrats.common.data.transforms import IMAGE, LABEL
+    from fedbrats.client.teacher_outputs import feature_strides
+    from fedbrats.common.data.transforms import IMAGE, LABEL, teacher_outputs_dataset
     from fedbrats.common.losses import SupervisedLoss
     from fedbrats.common.networks.models import (
         TappedModel,
         build_projector,
         new_student,
         resolve_spec,
+        spatial_divisor,
     )
 
     data = load_site_data(site, run)
-    batch = next(training_batches(data.train_ds, run.batch_size, 0))
-    x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
-    student = new_student(run, site.population).to(device).train()
     teacher = TappedModel.from_spec(resolve_spec(run.teacher_model)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    strides = feature_strides(teacher, run.patch_size)
+    with tempfile.TemporaryDirectory() as kept_dir:  # the teacher's outputs, as a site keeps them
+        kept_ds = teacher_outputs_dataset(
+            data.kept_train, teacher, device, Path(kept_dir), "bench", (run.patch_size,) * 3,
+            math.lcm(spatial_divisor(teacher.spec), max(strides.values())), strides,
+            overlap=run.sw_overlap, amp=run.amp)
+        kept_batch = next(training_batches(kept_ds, run.batch_size, 0))
+    batch = {k: kept_batch[k] for k in (IMAGE, LABEL)}  # the same crop without the outputs
+    x, y = batch[IMAGE].to(device), batch[LABEL].to(device)
+    student = new_student(run, site.population).to(device).train()
     trainee = TappedModel.from_spec(resolve_spec(run.teacher_model)).to(device).train()
     projector = build_projector(student, teacher, patch_size=run.patch_size).to(device)
     t_opt = torch.optim.AdamW(trainee.parameters(), lr=1e-3, weight_decay=1e-5)
@@ -296,6 +310,9 @@ def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
     def distillation() -> None:
         distillation_trainer.step(batch)
 
+    def distillation_kept() -> None:
+        distillation_trainer.step(kept_batch)
+
     def teacher_step() -> None:
         loss = sup(trainee(x)[0], y)
         t_opt.zero_grad(set_to_none=True)
@@ -303,7 +320,8 @@ def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
         t_opt.step()
 
     steps: dict[str, Callable[[], None]] = {
-        "supervised": supervised, "distillation": distillation, "teacher": teacher_step}
+        "supervised": supervised, "distillation": distillation,
+        "distillation_kept": distillation_kept, "teacher": teacher_step}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
@@ -322,6 +340,7 @@ def measure_steps(site, run, reps: int, device) -> dict[str, Any]:
         "all_seconds": times,
         "voxels_per_second": {k: voxels / v for k, v in med.items()},
         "ratio_distillation_over_supervised": med["distillation"] / med["supervised"],
+        "ratio_kept_distillation_over_supervised": med["distillation_kept"] / med["supervised"],
         "ratio_distillation_over_teacher_throughput": med["teacher"] / med["distillation"],
     }
 
@@ -845,6 +864,10 @@ def summary_rows(results: Mapping[str, Any]) -> list[list[str]]:
          f"{s['distillation'] * 1e3:.0f} ms", f"{s['supervised'] * 1e3:.0f} ms",
          f"{cpu['ratio_distillation_over_supervised']:.2f}"],
     ]
+    if "distillation_kept" in s:
+        rows.append(["the same with the teacher's outputs kept (teacher-cache) / a supervised step",
+                     f"{s['distillation_kept'] * 1e3:.0f} ms", f"{s['supervised'] * 1e3:.0f} ms",
+                     f"{cpu['ratio_kept_distillation_over_supervised']:.2f}"])
     sim = results.get("simulation")
     if sim:
         rows += [

@@ -107,6 +107,7 @@ METHODS: dict[str, str] = {
     "fedkd_trust": "warm-start student, distillation weighted by teacher trust",
     "trust": "student, distillation weighted by teacher trust",
     "student_fp16": "student (kd-trust none), transfer-dtype float16",
+    "student_kept": "student, the teacher's outputs kept (teacher-cache)",
 }
 """Method keys, in table order, with the label the tables use."""
 
@@ -142,6 +143,7 @@ DISTILLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "fedkd_trust": lambda run: {**fedkd_split(run), "kd_trust": "site", **SHARED_HEAD},
     "trust": {"kd_trust": "site", **SHARED_HEAD},
     "student_fp16": {"transfer_dtype": "float16", "kd_trust": "none", **SHARED_HEAD},
+    "student_kept": {"teacher_cache": True},
 }
 """Run-setting changes of each distillation method against the preset (or a function of the
 preset's settings that gives them). The student of the presets has a last block per population
@@ -178,12 +180,13 @@ predicted over the true volume (under 1: under-segmentation)."""
 
 KEY_OMITS_WHEN_OFF: dict[str, Any] = {"teacher_warm_rounds": 0, "student_init": "new",
                                       "baseline": "", "kd_trust": "none",
-                                      "transfer_dtype": "float32", "student_heads": "shared"}
+                                      "transfer_dtype": "float32", "student_heads": "shared",
+                                      "teacher_cache": False}
 """Run settings added after parts were stored, with their "off" value: left out of a part's key
 while they are off, so that the parts made before stay valid."""
 
 DISTILLATION_ONLY: tuple[str, ...] = ("logit_weight", "feature_weight", "temperature",
-                                      "feature_kind", "kd_mask", "kd_trust")
+                                      "feature_kind", "kd_mask", "kd_trust", "teacher_cache")
 """Run settings that only a distillation method reads (left out of the other methods' keys)."""
 
 OWN_TEACHERS_OF: dict[str, str] = {"warm_teacher": "warm_student", "warm_ensemble": "warm_student",
