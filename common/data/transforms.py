@@ -204,15 +204,22 @@ def _data_errors_surfaced():
         raise cause from None
 
 
+def _case_steps(spacing: Sequence[float] | None, convention: str, require_seg: bool,
+                evaluation: bool) -> list:
+    """:func:`preprocessing`; an evaluation dataset also copies :data:`INPUT_LABEL` first."""
+    steps = preprocessing(spacing, convention, require_seg=require_seg)
+    if evaluation:
+        steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
+    return steps
+
+
 def kept_cases(cases: Sequence[Case], spacing: Sequence[float] | None, cache_dir: Path,
                convention: str = DEFAULT_CONVENTION, require_seg: bool = True,
                evaluation: bool = False) -> PersistentDataset:
     """``cases`` after :func:`preprocessing`, kept in ``cache_dir`` (MONAI ``PersistentDataset``,
     one file per case keyed by :func:`case_cache_key`; a torn file is preprocessed again). An
     evaluation dataset's items also carry :data:`INPUT_LABEL`."""
-    steps = preprocessing(spacing, convention, require_seg=require_seg)
-    if evaluation:
-        steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
+    steps = _case_steps(spacing, convention, require_seg, evaluation)
     settings = {"spacing": list(spacing) if spacing is not None else None,
                 "convention": convention, "require_seg": require_seg, "evaluation": evaluation}
     return _KeptCases(data=[{"case": c} for c in cases], transform=Compose(steps),
@@ -242,14 +249,11 @@ def build_dataset(
     preprocessed again. Training then keeps them in memory too (``CacheDataset`` over the
     persistent one); an evaluation dataset reads each case from the cache when it is scored.
     """
-    steps = preprocessing(spacing, convention, require_seg=require_seg)
-    if patch_size is None:
-        steps.insert(1, CopyItemsd(keys=LABEL, names=INPUT_LABEL, allow_missing_keys=True))
-    data = [{"case": c} for c in cases]
     with _data_errors_surfaced():
         if cache_dir is None:
+            steps = _case_steps(spacing, convention, require_seg, patch_size is None)
             return CacheDataset(
-                data=data,
+                data=[{"case": c} for c in cases],
                 transform=Compose(steps + (augmentation(patch_size) if patch_size else [])),
                 cache_rate=1.0, num_workers=num_workers, progress=progress)
         kept = kept_cases(cases, spacing, cache_dir, convention, require_seg,
