@@ -202,6 +202,7 @@ def distill_round(site: SiteConfig, run: RunConfig, student_state: Mapping[str, 
         if region_weights is not None:
             metrics.update({f"kd_trust_{r}": w for r, w in zip(REGIONS, region_weights)})
     state = {k: v.detach().cpu() for k, v in student.net.state_dict().items()}
+    metrics["round_s"] = time.monotonic() - started
     return state, metrics
 
 

@@ -159,6 +159,7 @@ def secagg_rounds(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         current = {k: np.asarray(v).astype(dtypes[k], copy=False) for k, v in rescale_heads(
             current, before, pops, [1.0] * len(pops)).items()}
         current = settle_norm_statistics(current, [], [], noised=True)  # variances >= 0
+        ledger.entry(rnd)["train_seconds"] = round(time.monotonic() - t0, 3)
         ledger.commit(rnd, current)
         flwr_log(INFO, "fedbrats: round %d/%d: SecAgg+ mean of %d sites in %.1f s; student "
                  "saved; site losses %s", rnd, run.num_rounds, len(results),

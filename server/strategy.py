@@ -9,6 +9,7 @@ differential-privacy wrapper (:func:`strategy_class`). To add a strategy, add it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -84,6 +85,17 @@ class RecordingMixin:
     sent_wire: ArrayRecord | None = None
     """The student as sent this round (``transfer-dtype``): what updates are checked against."""
 
+    @property
+    def _started(self) -> dict[tuple[str, int], float]:
+        """When each phase's messages of a round were handed to Flower (monotonic s)."""
+        if not hasattr(self, "_started_at"):
+            self._started_at: dict[tuple[str, int], float] = {}
+        return self._started_at
+
+    def _seconds(self, phase: str, server_round: int) -> float | None:
+        t0 = self._started.pop((phase, server_round), None)
+        return None if t0 is None else round(time.monotonic() - t0, 3)
+
     def _sent(self) -> dict[tuple[str, int], list[Message]]:
         if not hasattr(self, "_sent_messages"):
             self._sent_messages: dict[tuple[str, int], list[Message]] = {}
@@ -115,6 +127,7 @@ class RecordingMixin:
             # FedAdam steps from the global student it keeps: the float32 one, not the copy sent
             self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
         self._sent()[("round", server_round)] = messages  # message ids are set when sent
+        self._started[("round", server_round)] = time.monotonic()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -122,6 +135,7 @@ class RecordingMixin:
         replies = list(replies)
         rnd = ledger.round_number(server_round)
         entry = ledger.entry(rnd)
+        entry["train_seconds"] = self._seconds("round", server_round)
         for node, reason in self.missing("round", server_round, replies).items():
             ledger.no_reply("round", rnd, node, reason)
         replies = [m for m in replies if not m.has_error()]
@@ -228,6 +242,7 @@ class RecordingMixin:
         self.ledger.sign_into(wire, config)
         messages = list(super().configure_evaluate(server_round, wire, config, grid))
         self._sent()[("evaluate", server_round)] = messages
+        self._started[("evaluate", server_round)] = time.monotonic()
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
@@ -237,6 +252,7 @@ class RecordingMixin:
         if not ledger.run.evaluates_round(rnd):
             return None
         entry = ledger.entry(rnd)
+        entry["evaluate_seconds"] = self._seconds("evaluate", server_round)
         for node, reason in self.missing("evaluate", server_round, replies).items():
             ledger.no_reply("evaluate", rnd, node, reason)
         replies = [m for m in replies if not m.has_error()]

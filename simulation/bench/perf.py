@@ -225,6 +225,9 @@ class PerfSettings:
     phase2_rounds: int = 0
     """Distillation rounds of the phase-2 overhead measurement at the preset's scale, five sites
     with ``make demo``'s data (0: not measured)."""
+    deploy_cases: int = 0
+    """Cases (240x240x155 phantoms) of the site whose deployment rounds are timed against the
+    simulation's (:func:`measure_deployment`; 0: not measured)."""
 
 
 QUICK = PerfSettings(preset="tiny", step_reps=2, site_cases=3, site_shape=48,
@@ -232,7 +235,7 @@ QUICK = PerfSettings(preset="tiny", step_reps=2, site_cases=3, site_shape=48,
                      profile_steps=2, patch_size=16)
 FULL = PerfSettings(preset="cpu-demo", step_reps=8, site_cases=16, site_shape=96,
                     inference_shape=(240, 240, 155), inference_reps=3, simulation=True,
-                    phase2_rounds=6)
+                    phase2_rounds=6, deploy_cases=20)
 
 
 def _run_config(preset: str, **changes: Any):
@@ -525,6 +528,78 @@ def measure_phase2(settings: PerfSettings, work: Path, cores: int) -> dict[str, 
     return {"preset": settings.preset, "rounds": rounds, "eval_every": every, "cores": cores,
             "simulation_seconds": sim, "simulation_demo_seconds": seconds["as make demo"],
             "in_process_seconds": inproc, "ratio": sim / inproc}
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    """Each distillation round's ``train_seconds`` from ``rounds.json``, in round order."""
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    return [float(r["train_seconds"]) for r in sorted(rounds, key=lambda r: r["round"])]
+
+
+def measure_deployment(work: Path, cases: int = 20, shape: Sequence[int] = (240, 240, 155),
+                       rounds: int = 4, preset: str = "cpu-demo", threads: int = 2,
+                       overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A distillation round of one site with ``cases`` phantoms of ``shape`` (BraTS size: 1 mm)
+    in deployment against the same round in the simulation.
+
+    Deployment: the rehearsal (:class:`~fedbrats.simulation.rehearsal.LocalFederation`: TLS,
+    node authentication, a SuperLink and the site's SuperNode, a fresh ClientApp process per
+    message). Simulation: ``fedbrats simulate``'s engine (one warm Ray actor). Both with the
+    preset's settings and ``threads`` torch threads, ``rounds`` rounds, evaluated only in the
+    last; the deployment reuses the simulation's finished teacher (phase 1 is not measured),
+    and builds its own case cache. Each round's time is the server's ``train_seconds``
+    (messages handed to Flower until every reply is in); the ratio compares the mean of rounds
+    2.. (the first builds the caches in both)."""
+    import shutil
+
+    from fedbrats.client.teacher import TEACHER_FILE
+    from fedbrats.simulation.phantoms import write_dataset
+    from fedbrats.simulation.rehearsal import LocalFederation
+    from fedbrats.simulation.runner import run_simulation
+
+    if rounds < 2:
+        raise ValueError(f"rounds must be at least 2 (the first is left out), got {rounds}")
+    tag = "x".join(str(int(v)) for v in shape)
+    data = work / f"deploy-data-{tag}-{cases}"
+    stamp = data / "phantoms.json"
+    if not stamp.exists():
+        if data.exists():
+            shutil.rmtree(data)
+        write_dataset(data, {"GLI": cases}, shape=tuple(shape), seed=0, progress=False)
+        stamp.write_text(json.dumps({"cases": cases, "shape": list(shape)}))
+    settings = {"num-rounds": rounds, "eval-every": rounds, "final-tta": False,
+                **dict(overrides or {})}
+    sim_dir, fed_dir = work / "deploy-simulation", work / "deploy-federation"
+    for d in (sim_dir, fed_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    sim = run_simulation(sim_dir, data, num_sites=1, preset=preset, overrides=settings,
+                         cpus_per_site=float(threads), stream=False)
+    if sim.returncode != 0:
+        raise RuntimeError(f"the simulation failed (exit {sim.returncode}); see {sim_dir}")
+    env = {"OMP_NUM_THREADS": str(threads)}
+    with LocalFederation(fed_dir, {"GLI": data / "GLI"}, env=env) as fed:
+        work_dir = fed.sites["GLI"].work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sim_dir / "sites" / "GLI" / TEACHER_FILE, work_dir / TEACHER_FILE)
+        result = fed.run({"preset": preset, "num-sites": 1, "output-dir": str(fed_dir / "run"),
+                          **settings}, timeout=7200)
+    if result.returncode != 0 or not str(result.status).endswith("completed"):
+        raise RuntimeError(f"the deployment run failed ({result.status}); see {result.log}")
+    sim_s, dep_s = _round_seconds(sim_dir), _round_seconds(fed_dir / "run")
+    starts = {}
+    for name, d in (("simulation", sim_dir), ("deployment", fed_dir / "run")):
+        entries = sorted(json.loads((d / "rounds.json").read_text()), key=lambda r: r["round"])
+        starts[name] = [{k: e["train"]["GLI"].get(k)
+                         for k in ("process_age_s", "first_step_s", "round_s")} for e in entries]
+    run = _run_config(preset)
+    later_sim, later_dep = statistics.mean(sim_s[1:]), statistics.mean(dep_s[1:])
+    return {"preset": preset, "cases": cases, "shape": list(shape), "rounds": rounds,
+            "threads": threads, "local_steps": run.local_steps, "settings": settings,
+            "simulation_round_seconds": sim_s, "deployment_round_seconds": dep_s,
+            "round_start": starts,
+            "simulation_later_mean": later_sim, "deployment_later_mean": later_dep,
+            "ratio": later_dep / later_sim}
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,6 +926,11 @@ def _run_perf(settings: PerfSettings, out_dir: Path, work: Path, command: str, p
     if settings.phase2_rounds:
         with section("phase 2 at demo scale: simulation against one process"):
             results["phase2"] = measure_phase2(settings, work, cores)
+    results["deployment"] = None
+    if settings.deploy_cases:
+        with section("deployment rounds against simulation rounds"):
+            results["deployment"] = measure_deployment(work, cases=settings.deploy_cases,
+                                                       preset=settings.preset, threads=cores)
     machine = {**machine, "load_average_end": machine_info()["load_average"]}
     return write_report(results, out_dir, command, time.perf_counter() - start, machine, prefix)
 
@@ -887,6 +967,12 @@ def summary_rows(results: Mapping[str, Any]) -> list[list[str]]:
                      "simulation / the same rounds in one process",
                      f"{p2['simulation_seconds']:.1f} s", f"{p2['in_process_seconds']:.1f} s",
                      f"{p2['ratio']:.2f}"])
+    dep = results.get("deployment")
+    if dep:
+        rows.append([f"a deployment round / the same round in the simulation ({dep['preset']}, "
+                     f"one site of {dep['cases']} {'x'.join(map(str, dep['shape']))} cases, "
+                     "rounds 2..)", f"{dep['deployment_later_mean']:.1f} s",
+                     f"{dep['simulation_later_mean']:.1f} s", f"{dep['ratio']:.2f}"])
     for name, b in results["bytes"].items():
         rows.append([f"bytes per site per round ({name}, sent + returned) / 2 x float32 size",
                      f"{2 * b['train_instruction_bytes']:,} B", f"{2 * b['float32_bytes']:,} B",
@@ -978,6 +1064,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path, command: str, second
     lines += _md_steps(results)
     lines += _md_simulation(results.get("simulation"))
     lines += _md_phase2(results.get("phase2"))
+    lines += md_deployment(results.get("deployment"))
     lines += _md_bytes(results)
     lines += _md_inference(results["inference"])
     lines += _md_memory(results)
@@ -1047,6 +1134,47 @@ def _md_simulation(sim: Mapping[str, Any] | None) -> list[str]:
     else:
         lines += ["Not run with `--quick` (it starts a SuperLink and Ray).", ""]
     return lines
+
+
+def md_deployment(dep: Mapping[str, Any] | None) -> list[str]:
+    """The markdown section of :func:`measure_deployment`'s result."""
+    lines = ["## Deployment rounds against simulation rounds", ""]
+    if not dep:
+        return lines + ["Not run with `--quick`.", ""]
+    shape = "x".join(map(str, dep["shape"]))
+    lines += [
+        f"One GLI site of {dep['cases']} phantoms of {shape} voxels (BraTS size, 1 mm), preset "
+        f"`{dep['preset']}` ({dep['local_steps']} local steps a round), {dep['threads']} torch "
+        f"threads, {dep['rounds']} rounds (evaluated in the last), the same settings "
+        f"(`{config_text(dep['settings'])}`) in both. Deployment: the rehearsal (TLS, node "
+        "authentication, a SuperLink and the site's SuperNode; Flower starts a fresh ClientApp "
+        "process for every message), the simulation's finished teacher copied to the site (phase "
+        "1 not measured), its own case cache built in round 1. Simulation: Flower's simulation "
+        "engine (one Ray actor that stays up). A round's time is the server's `train_seconds` "
+        "(`rounds.json`: from handing the messages to Flower to having the reply); at the site "
+        "`process_age_s` is the ClientApp process's age when the message reached the handler "
+        "(in deployment: its start and imports), `first_step_s` from there to the first training "
+        "step and `round_s` the whole round at the site.",
+        "",
+    ]
+    rows = []
+    for name in ("simulation", "deployment"):
+        for i, (sec, st) in enumerate(zip(dep[f"{name}_round_seconds"],
+                                          dep["round_start"][name], strict=False)):
+            rows.append([name, str(i + 1), f"{sec:.1f}",
+                         f"{st['process_age_s']:.1f}" if name == "deployment" else "(actor)",
+                         f"{st['first_step_s']:.2f}",
+                         f"{st['round_s']:.1f}" if st.get("round_s") is not None else "n/a"])
+    lines += [md_table(["engine", "round", "round (s)", "process age (s)", "first step (s)",
+                        "at the site (s)"], rows, ["l", "r", "r", "r", "r", "r"]), ""]
+    lines += [f"Rounds 2..{dep['rounds']}: deployment {dep['deployment_later_mean']:.1f} s, "
+              f"simulation {dep['simulation_later_mean']:.1f} s, ratio **{dep['ratio']:.2f}**.",
+              ""]
+    return lines
+
+
+def config_text(settings: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
 
 
 def _md_phase2(p2: Mapping[str, Any] | None) -> list[str]:

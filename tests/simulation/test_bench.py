@@ -322,3 +322,26 @@ def test_targets_are_judged_on_the_paired_differences():
     worse = _fake_group(seeds, ("fedavg", "teacher", "student", "ensemble"))
     assert [ok for _, _, ok in targets(worse)] == [False, False, False, True]
     assert targets(_fake_group(seeds)) is None  # no teacher, no ensemble: not judged
+
+
+@pytest.mark.slow
+def test_deployment_rounds_are_timed_against_the_simulation(tmp_path):
+    """bench perf's deployment figure at the tiny preset: a real SuperLink and SuperNode (TLS,
+    node authentication) against the simulation engine, the same rounds timed by the server."""
+    from fedbrats.simulation.bench.perf import md_deployment, measure_deployment
+
+    dep = measure_deployment(tmp_path, cases=3, shape=(48, 48, 48), rounds=2, preset="tiny",
+                             threads=1)
+    for name in ("simulation", "deployment"):
+        seconds = dep[f"{name}_round_seconds"]
+        assert len(seconds) == 2 and all(0 < s < 600 for s in seconds), seconds
+        for start, total in zip(dep["round_start"][name], seconds, strict=True):
+            assert 0 < start["first_step_s"] < start["round_s"] < total
+    # a fresh ClientApp process per message in deployment: its age is its start-up
+    assert all(s["process_age_s"] > 0 for s in dep["round_start"]["deployment"])
+    assert dep["ratio"] == pytest.approx(dep["deployment_round_seconds"][1]
+                                         / dep["simulation_round_seconds"][1])
+    md = "\n".join(md_deployment(dep))
+    assert "| deployment | 2 |" in md and f"ratio **{dep['ratio']:.2f}**" in md
+    with pytest.raises(ValueError, match="at least 2"):
+        measure_deployment(tmp_path, rounds=1)

@@ -41,9 +41,13 @@ def test_run_finishes_and_report_covers_every_site(sim):
             assert set(scores) == {"WT", "TC", "ET"}
             assert 0.0 <= scores["WT"]["dice"] <= 1.0
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for r in report["rounds"]:  # the server's time from sending a round to its replies
+        assert 0 < r["train_seconds"] < 600, r
+        assert r.get("evaluate_seconds") is None or r["evaluate_seconds"] > 0
     for site in SITES:  # how long each site's round took to start (README, "Each site")
         train = report["rounds"][1]["train"][site]
         assert 0 < train["first_step_s"] < 600 and train["process_age_s"] > 0
+        assert train["first_step_s"] < train["round_s"] < report["rounds"][1]["train_seconds"]
         assert (result.output_dir / "sites" / site / "case-cache").is_dir()
     assert (result.output_dir / "population_dice.png").stat().st_size > 1000
     assert "| GLI" in result.report.read_text()
