@@ -34,7 +34,7 @@ synth: $(STAMP)
 	$(VENV)/bin/fedbrats synth --out $(DATA) --cases $(CASES) --shape $(SHAPE)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedbrats simulate --out runs/demo --data $(DATA) --cases $(CASES) --preset cpu-demo
+	$(VENV)/bin/fedbrats simulate --out runs/demo --data $(DATA) --synth --cases $(CASES) --preset cpu-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -156,6 +156,10 @@ class RunConfig:
     output_dir: str = "runs/demo"
     data_root: str = "data/phantoms"
     """Simulation only: site ``i`` reads ``data_root/<population i>``."""
+    sim_sites: str = ""
+    """Simulation only: the virtual sites' own data, a JSON list with one object per site
+    (``population``, ``data-dir``; optional ``labels``, ``manifest``): partition ``i`` is entry
+    ``i`` (``fedbrats simulate --site``/``--sites-file`` write it). Empty: ``data-root``."""
     # privacy and integrity (see server/privacy.py, common/security/signing.py)
     signing_key: str = ""
     """Path of the server's Ed25519 private key (``fedbrats keys``): the server signs every
@@ -226,6 +230,10 @@ class RunConfig:
              "dropout_contrasts",
              f"\"all\" or distinct contrasts among {', '.join(CONTRASTS)}, comma-separated")
         need(0 <= self.sw_overlap < 1, "sw_overlap", "an overlap in [0, 1)")
+        if self.sim_sites:
+            sites = simulation_sites(self.sim_sites)
+            need(len(sites) == self.num_sites, "num_sites",
+                 f"{len(sites)}, the number of sites in sim-sites")
         need(self.feature_kind in FEATURE_KINDS, "feature_kind", " or ".join(FEATURE_KINDS))
         need(self.kd_mask in KD_MASKS, "kd_mask", " or ".join(KD_MASKS))
         need(self.kd_trust in KD_TRUSTS, "kd_trust", " or ".join(KD_TRUSTS))
@@ -438,13 +446,58 @@ SIMULATION_SITES: tuple[str, ...] = POPULATIONS
 """Simulation partition ``i`` is the site of ``SIMULATION_SITES[i]``."""
 
 
+SIM_SITE_KEYS = ("population", "data-dir", "labels", "manifest")
+
+
+def simulation_sites(text: str) -> list[dict[str, str]]:
+    """The ``sim-sites`` run setting read and checked: one dict per virtual site with
+    ``population``, ``data-dir``, ``labels`` (default :data:`DEFAULT_CONVENTION`) and
+    ``manifest`` (``""`` for none). Populations must differ (each site's work folder is
+    ``output-dir/sites/<POP>``)."""
+    import json
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"run setting sim-sites: {what}")
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"expected a JSON list of sites, got {text[:80]!r} ({e})") from None
+    if not isinstance(raw, list) or not raw:
+        raise bad(f"expected a non-empty JSON list of sites, got {text[:80]!r}")
+    out: list[dict[str, str]] = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise bad(f"site {i + 1}: expected an object, got {entry!r}")
+        unknown = sorted(set(entry) - set(SIM_SITE_KEYS))
+        if unknown:
+            raise bad(f"site {i + 1}: unknown key {unknown[0]!r}; expected "
+                      f"{', '.join(SIM_SITE_KEYS)}")
+        if not entry.get("population") or not entry.get("data-dir"):
+            raise bad(f"site {i + 1}: population and data-dir are required, got {entry!r}")
+        try:
+            pop = check_population(str(entry["population"]))
+        except ValueError as e:
+            raise bad(f"site {i + 1}: {e}") from None
+        labels = str(entry.get("labels") or DEFAULT_CONVENTION)
+        if labels not in CONVENTIONS:
+            raise bad(f"site {i + 1} ({pop}): unknown label convention {labels!r}; expected "
+                      f"one of {', '.join(CONVENTIONS)}")
+        if any(o["population"] == pop for o in out):
+            raise bad(f"population {pop} is given twice; each virtual site has its own "
+                      "population")
+        out.append({"population": pop, "data-dir": str(entry["data-dir"]), "labels": labels,
+                    "manifest": str(entry.get("manifest") or "")})
+    return out
+
+
 def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
     """The site's settings, from deployment node config or a simulation partition id.
 
     Deployment: ``flower-supernode --node-config "population='MEN' data-dir='/data/men'
     work-dir='/var/fedbrats' labels='brats2023'"``. Simulation: ``partition-id`` picks the
-    population in :data:`SIMULATION_SITES` order; data in ``run.data_root/<POP>``, work folder in
-    ``run.output_dir/sites/<POP>``.
+    population in :data:`SIMULATION_SITES` order; data in ``run.data_root/<POP>`` (or entry
+    ``partition-id`` of ``run.sim_sites``), work folder in ``run.output_dir/sites/<POP>``.
     """
     if "data-dir" in node_config:
         missing = [k for k in ("population", "work-dir") if k not in node_config]
@@ -468,6 +521,18 @@ def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> Sit
             raise ConfigError(
                 f"node config: partition-id {pid} has no site; simulation has "
                 f"{len(SIMULATION_SITES)} sites ({', '.join(SIMULATION_SITES)})"
+            )
+        if run.sim_sites:
+            sites = simulation_sites(run.sim_sites)
+            if pid >= len(sites):
+                raise ConfigError(f"node config: partition-id {pid} has no site; sim-sites "
+                                  f"names {len(sites)}")
+            spec = sites[pid]
+            return SiteConfig(
+                population=spec["population"], data_dir=Path(spec["data-dir"]),
+                work_dir=Path(run.output_dir) / "sites" / spec["population"],
+                labels=spec["labels"],
+                manifest=Path(spec["manifest"]) if spec["manifest"] else None,
             )
         pop = SIMULATION_SITES[pid]
         return SiteConfig(

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from fedbrats.simulation.progress import ProgressDisplay
+from fedbrats.simulation.sites import SITE_ARG
 
 MIN_DEMO_CASES = 6
+DEFAULT_DATA = "data/phantoms"
 """Cases per population at least, when phantoms are generated: 4 to train, 2 to validate."""
 
 
@@ -256,17 +258,55 @@ def _run(args) -> int:
     except ValueError as e:  # ConfigError is one
         print(f"--set: {e}", file=sys.stderr)
         return 2
-    sites = args.sites
-    if not 2 <= sites <= len(POPULATIONS):
-        print(f"--sites must be 2 to {len(POPULATIONS)}, got {sites}", file=sys.stderr)
-        return 2
-    data = Path(args.data)
-    if not data.exists() or not any(data.iterdir()):
-        from fedbrats.simulation.phantoms import case_counts, write_dataset
+    from fedbrats.common.config import ConfigError, simulation_sites
+    from fedbrats.simulation.sites import (
+        check_sites_data,
+        parse_site_arg,
+        read_sites_file,
+        sim_sites_setting,
+    )
 
-        print(f"no data in {data}: generating the five-population phantom set")
-        counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
-        write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
+    try:
+        given = [parse_site_arg(t) for t in args.site or []]
+        if args.sites_file:
+            given += read_sites_file(args.sites_file)
+        if given and args.data is not None:
+            raise ConfigError("--data and --site/--sites-file exclude each other: the sites "
+                              "name their own data")
+        if given and args.sites is not None and args.sites != len(given):
+            raise ConfigError(f"--sites {args.sites}, but --site/--sites-file name "
+                              f"{len(given)} sites")
+        if given:
+            overrides["sim-sites"] = sim_sites_setting(given)
+        sites = len(given) if given else (args.sites or len(POPULATIONS))
+        if not 2 <= sites <= len(POPULATIONS):
+            raise ConfigError(f"--sites must be 2 to {len(POPULATIONS)}, got {sites}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = Path(args.data if args.data is not None else DEFAULT_DATA)
+    if not given:
+        empty = not data.is_dir() or not any(data.iterdir())
+        if empty and (args.synth or args.data is None):
+            from fedbrats.simulation.phantoms import case_counts, write_dataset
+
+            print(f"no data in {data}: generating the five-population phantom set")
+            counts = {p: max(n, MIN_DEMO_CASES) for p, n in case_counts(args.cases).items()}
+            write_dataset(data, counts, shape=(96, 96, 96), seed=0, progress=False)
+        elif empty:
+            what = "is empty" if data.is_dir() else "does not exist"
+            print(f"error: --data {data} {what}; expected one folder per population "
+                  f"({', '.join(POPULATIONS[:sites])}). Add --synth to generate the phantom "
+                  "set there, or name each site's data with --site POP=PATH", file=sys.stderr)
+            return 2
+    checked = (simulation_sites(overrides["sim-sites"]) if given else
+               [{"population": p, "data-dir": str(data / p), "labels": "brats2023",
+                 "manifest": ""} for p in POPULATIONS[:sites]])
+    problems = check_sites_data(checked)
+    if problems:
+        print("error: the sites' data do not pass the data contract; nothing was started:\n"
+              + "\n".join(problems), file=sys.stderr)
+        return 2
     print(f"run folder {Path(args.out).resolve()}; Flower's and Ray's log: "
           f"{Path(args.out).resolve() / 'flwr-run.log'}" + ("" if not args.verbose else
                                                            " (and below: --verbose)"))
@@ -304,12 +344,24 @@ def register_simulate(subparsers) -> None:
         ),
     )
     p.add_argument("--out", default="runs/demo", help="run folder (default: %(default)s)")
-    p.add_argument("--data", default="data/phantoms",
-                   help="data root with one folder per population (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help=f"data root with one folder per population (default: {DEFAULT_DATA}, "
+                   "where the phantom set is generated if absent); it must exist unless --synth "
+                   "is given")
+    p.add_argument("--synth", action="store_true",
+                   help="generate the five-population phantom set in --data if it is empty")
+    p.add_argument("--site", action="append", metavar=SITE_ARG,
+                   help="a virtual site's own data: its population, a folder of cases (BraTS "
+                   "2023/2024 or 2020/2021 names), optionally its label convention and a "
+                   "manifest CSV; repeatable, one per site, in partition order (instead of "
+                   "--data)")
+    p.add_argument("--sites-file", metavar="TOML",
+                   help="the virtual sites as [[site]] tables (population, data-dir, labels, "
+                   "manifest), instead of --site")
     p.add_argument("--preset", default="cpu-demo", choices=("tiny", "cpu-demo", "gpu"),
                    help="run settings preset (default: %(default)s)")
-    p.add_argument("--sites", type=int, default=5,
-                   help="number of sites, the first N populations (default: %(default)s)")
+    p.add_argument("--sites", type=int, default=None,
+                   help="number of sites, the first N populations of --data (default: 5)")
     p.add_argument("--cases", type=int, default=16,
                    help="cases of the largest population when generating data "
                    "(default: %(default)s)")
