@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 
 from fedbrats.common.cli import main
-from fedbrats.common.config import ConfigError, load_run_config, simulation_sites
-from fedbrats.common.config import site_from_node_config
+from fedbrats.common.config import (
+    ConfigError,
+    load_run_config,
+    simulation_sites,
+    site_from_node_config,
+)
 from fedbrats.simulation.phantoms import write_dataset
-from fedbrats.simulation.sites import (check_sites_data, parse_site_arg, read_sites_file,
-                                       sim_sites_setting)
+from fedbrats.simulation.sites import (
+    check_sites_data,
+    parse_site_arg,
+    read_sites_file,
+    sim_sites_setting,
+)
 
 NAMES_2021 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "seg"}
 TO_2021 = {0: 0, 1: 1, 2: 2, 3: 4}  # ET is 4
