@@ -336,11 +336,15 @@ class TeacherOutputsd(MapTransform):
 
 class RandAlignedCropd(Randomizable, MapTransform):
     """A random crop centred on tumour with probability ``pos`` (else on brain), as MONAI's
-    ``RandCropByPosNegLabeld`` draws it, but with the crop's start on a multiple of ``stride``
-    on every axis, so that keys on a coarser grid (``coarse_keys``: key -> its stride, which
-    divides ``stride``) are cropped at exactly the same place. ``keys`` are on the label's grid,
-    which must be a multiple of ``stride`` and at least ``spatial_size``; the drawn voxel stays
-    inside its crop as long as ``stride <= spatial_size / 2``."""
+    ``RandCropByPosNegLabeld`` draws it, applied also to keys on coarser grids
+    (``coarse_keys``: key -> its stride, which divides ``stride``): the teacher's features.
+
+    ``keys`` (on the label's grid) are cut exactly. A coarse key of stride ``f`` is cut at the
+    same place: where the crop starts between two of its cells (``start`` not a multiple of
+    ``f``), each of its cells is the linear interpolation of the two cells it overlaps, per axis
+    (the value at the crop's own cell centres), so the crop may start anywhere, as in training
+    without kept outputs. The label's grid must be a multiple of ``stride`` and at least
+    ``spatial_size``, which must be a multiple of ``stride``."""
 
     def __init__(self, keys: Sequence[str], label_key: str, image_key: str,
                  spatial_size: Sequence[int], stride: int, pos: float,
@@ -350,11 +354,24 @@ class RandAlignedCropd(Randomizable, MapTransform):
         self.size = tuple(int(v) for v in spatial_size)
         self.stride, self.pos = int(stride), float(pos)
         self.coarse = dict(coarse_keys or {})
-        if any(v % self.stride or 2 * self.stride > v for v in self.size):
+        if any(v % self.stride for v in self.size):
             raise ValueError(f"crop {self.size} must be a multiple of the stride {self.stride} "
-                             f"and at least twice it on every axis")
+                             "on every axis")
         if any(self.stride % f for f in self.coarse.values()):
             raise ValueError(f"coarse strides {self.coarse} must divide {self.stride}")
+
+    @staticmethod
+    def _coarse_crop(x, start: Sequence[int], size: Sequence[int], f: int):
+        """``x`` (``C, *grid / f``) at the cells of the fine crop ``start`` + ``size``."""
+        x = torch.as_tensor(x)
+        region = x.float()
+        for axis, (a, p) in enumerate(zip(start, size)):
+            cell, w, m = a // f, (a % f) / f, p // f
+            lo = region.narrow(axis + 1, cell, m)
+            if w:  # between two cells: the grid is a multiple of f, so cell + m exists
+                lo = (1 - w) * lo + w * region.narrow(axis + 1, cell + 1, m)
+            region = lo
+        return region.to(x.dtype)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -366,22 +383,21 @@ class RandAlignedCropd(Randomizable, MapTransform):
         fg, bg = map_binary_to_indices(label, d[self.image_key], 0.0)
         centre = generate_pos_neg_label_crop_centers(self.size, 1, self.pos, shape, fg, bg,
                                                      self.R)[0]
-        start = [min(max(0, (int(c) - p // 2) // self.stride * self.stride), n - p)
+        start = [min(max(0, int(c) - p // 2), n - p)
                  for c, p, n in zip(centre, self.size, shape)]
         end = [a + p for a, p in zip(start, self.size)]
         for key in self.key_iterator(d):
             d[key] = SpatialCrop(roi_start=start, roi_end=end)(d[key])
         for key, f in self.coarse.items():
-            d[key] = SpatialCrop(roi_start=[a // f for a in start],
-                                 roi_end=[b // f for b in end])(d[key])
+            d[key] = self._coarse_crop(d[key], start, self.size, f)
         return d
 
 
 def teacher_augmentation(patch_size: Sequence[int], stride: int,
                          feature_strides: Mapping[str, int],
                          pos_fraction: float = 2 / 3) -> list:
-    """:func:`augmentation` for cases that carry the teacher's outputs: the crop aligned to
-    ``stride`` (:class:`RandAlignedCropd`), the flips applied to the teacher's logits and
+    """:func:`augmentation` for cases that carry the teacher's outputs: the crop cut from the
+    features too (:class:`RandAlignedCropd`), the flips applied to the teacher's logits and
     features too, the intensity changes to the image only (the teacher saw the case
     without them)."""
     coarse = {TEACHER_FEATURE + tap: int(f) for tap, f in feature_strides.items()}

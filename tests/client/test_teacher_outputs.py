@@ -46,7 +46,9 @@ def _site(data_root, tmp_path) -> SiteConfig:
 
 def test_kept_outputs_are_cropped_and_flipped_exactly_with_the_image():
     # a known pattern: each voxel's value is its coordinate; the logits carry the same pattern,
-    # the stride-8 feature its block's coordinate, the stride-2 one its own
+    # the stride-8 feature its cell's index, the stride-2 one its own. A crop that starts
+    # between two cells gets the linear interpolation of the two: the coordinate of its own
+    # cells' first voxel over the stride, exactly (flipped with the image)
     shape, patch = (48, 40, 56), (16, 16, 16)
     coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")).float()
     label = torch.zeros(1, *shape)
@@ -61,18 +63,18 @@ def test_kept_outputs_are_cropped_and_flipped_exactly_with_the_image():
         out = steps(dict(item))
         image, logits = torch.as_tensor(out[IMAGE]), torch.as_tensor(out[TEACHER_LOGITS]).float()
         assert image.shape[1:] == patch and torch.equal(logits, image - 1)
-        deep = torch.as_tensor(out[TEACHER_FEATURE + "deep"]).float()
-        late = torch.as_tensor(out[TEACHER_FEATURE + "late"]).float()
+        deep = torch.as_tensor(out[TEACHER_FEATURE + "deep"])
+        late = torch.as_tensor(out[TEACHER_FEATURE + "late"])
+        assert deep.dtype == late.dtype == torch.float16
         assert deep.shape[1:] == (2, 2, 2) and late.shape[1:] == (8, 8, 8)
         voxel = image - 1
-        blocks = deep.repeat_interleave(8, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
-        assert torch.equal(blocks, voxel.div(8).floor())
-        halves = late.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
-        assert torch.equal(halves, voxel.div(2).floor())
-        start = tuple(int(voxel[a].min()) for a in range(3))
-        assert all(v % 8 == 0 for v in start)
-        starts.add(start)
-    assert len(starts) > 5  # the crops move
+        first = -torch.nn.functional.max_pool3d(-voxel[None], 8)[0]  # each cell's first voxel
+        assert torch.equal(deep.float(), first / 8)
+        first = -torch.nn.functional.max_pool3d(-voxel[None], 2)[0]
+        assert torch.equal(late.float(), first / 2)
+        starts.add(tuple(int(voxel[a].min()) for a in range(3)))
+    assert len(starts) > 20  # the crops move, and not only by whole cells
+    assert any(v % 8 for start in starts for v in start)
 
 
 def test_aligned_crop_refuses_a_crop_that_is_not_a_multiple_of_the_stride():
