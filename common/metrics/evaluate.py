@@ -190,14 +190,33 @@ def _segmentation_files(folder: Path, side: str) -> dict[str, list[Path]]:
     return found
 
 
+def _manifest_segmentations(manifest: Path) -> dict[str, list[Path]]:
+    """The ground truth of a manifest CSV (its ``seg`` column; cases without one are left
+    out), as ``predict`` and the sites read it."""
+    from fedbrats.common.data.cases import DataError, read_manifest
+
+    try:
+        cases = read_manifest(manifest)
+    except DataError as e:
+        raise EvaluationError(f"ground-truth manifest: {e}") from None
+    found = {c.case_id: [c.seg] for c in cases if c.seg is not None}
+    if not found:
+        raise EvaluationError(f"ground-truth manifest {manifest}: no case has a seg file "
+                              "(expected a seg column with a file per case)")
+    return found
+
+
 def pair_cases(pred_dir: str | Path, gt_dir: str | Path) -> Pairing:
-    """Pair prediction and ground-truth files by case id (see the module docstring).
+    """Pair prediction and ground-truth files by case id (see the module docstring);
+    ``gt_dir`` may be a manifest CSV (its seg column, paired by its case ids).
 
     Raises :class:`EvaluationError` only when a folder is missing; unpaired files and case ids
     with two files on one side are returned, not raised.
     """
     preds = _segmentation_files(Path(pred_dir), "prediction")
-    gts = _segmentation_files(Path(gt_dir), "ground-truth")
+    gt_path = Path(gt_dir)
+    gts = (_manifest_segmentations(gt_path) if gt_path.suffix.lower() == ".csv"
+           else _segmentation_files(gt_path, "ground-truth"))
     out = Pairing()
     for case_id in sorted(set(preds) | set(gts)):
         p, g = preds.get(case_id, []), gts.get(case_id, [])
@@ -605,7 +624,9 @@ def register_evaluate(subparsers) -> None:
     )
     p.add_argument("--pred", metavar="DIR", required=True, help="folder of predicted segmentations")
     p.add_argument(
-        "--gt", metavar="DIR", required=True, help="folder of ground-truth segmentations"
+        "--gt", metavar="DIR|CSV", required=True,
+        help="folder of ground-truth segmentations, or a manifest CSV (case_id, ..., seg) as "
+        "predict and the sites read it",
     )
     p.add_argument(
         "--challenge",

@@ -288,3 +288,34 @@ def test_full_help(command, capsys):
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{command} {action.option_strings} has no help text"
+
+
+def test_ground_truth_from_a_manifest(tmp_path, capsys):
+    seg = tumour()
+    save_nifti(tmp_path / "labels" / "p1_mask.nii.gz", seg)
+    save_nifti(tmp_path / "labels" / "p2_mask.nii.gz", seg)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("case_id,t1n,t1c,t2w,t2f,seg\n"
+                        "p1,scans/p1_t1.nii.gz,,,,labels/p1_mask.nii.gz\n"
+                        "p2,scans/p2_t1.nii.gz,,,,labels/p2_mask.nii.gz\n"
+                        "p3,scans/p3_t1.nii.gz,,,,\n")  # no ground truth: left out
+    shifted = np.roll(seg, 2, axis=0)
+    save_nifti(tmp_path / "pred" / "p1.nii.gz", seg)
+    save_nifti(tmp_path / "pred" / "p2.nii.gz", shifted)
+    pairing = pair_cases(tmp_path / "pred", manifest)
+    assert [p.case_id for p in pairing.pairs] == ["p1", "p2"]
+    assert pairing.pairs[0].gt == tmp_path / "labels" / "p1_mask.nii.gz"
+    out = tmp_path / "o"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(manifest),
+                 "--challenge", "GLI", "--out", str(out), "--no-progress"]) == 0
+    assert "GLI: 2 of 2 paired cases scored" in capsys.readouterr().out
+    rows = {(r["case_id"], r["region"]): r for r in csv.DictReader((out / "per_case.csv").open())}
+    assert float(rows[("p1", "WT")]["dice"]) == 1.0
+    assert float(rows[("p2", "WT")]["dice"]) == pytest.approx(2 * 4 * 36 / (2 * 6 * 36))
+    (tmp_path / "bad.csv").write_text("case_id,t1n\np1,a.nii.gz\n")
+    with pytest.raises(EvaluationError, match="no case has a seg file"):
+        pair_cases(tmp_path / "pred", tmp_path / "bad.csv")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "x.csv"),
+                 "--challenge", "GLI", "--out", str(out), "--no-progress"]) == 2
+    said = capsys.readouterr()
+    assert "x.csv: manifest not found" in said.out + said.err
