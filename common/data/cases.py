@@ -4,7 +4,7 @@ Three layouts are discovered (see the README's "Data contract"):
 
 * BraTS 2023/2024: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``
 * BraTS 2020/2021: ``{id}_{t1,t1ce,t2,flair,seg}.nii.gz`` (in a folder per case, or flat)
-* a manifest CSV for any other layout: ``case_id, t1n, t1c, t2w, t2f, seg[, population]``, paths
+* a manifest CSV for any other layout: ``case_id, t1n, t1c, t2w, t2f, seg[, population][, brain_mask]``, paths
   relative to the manifest's folder, an empty cell for a contrast the case lacks.
 
 Every check names the case, the file, what was expected and what was found. ``check_case`` collects
@@ -40,6 +40,10 @@ MANIFEST_COLUMNS = {
     "mask": SEG_KEY,
 }
 MANIFEST_ID_COLUMNS = ("case_id", "case", "id", "subject")
+BRAIN_MASK_KEY = "brain_mask"
+"""Manifest column (and :meth:`Case.files` key) of an optional brain mask."""
+BACKGROUND_SHARE = 0.95
+"""Share of a volume's border voxels that must hold one value for it to be the background."""
 
 _RE_2023 = re.compile(r"^(?P<id>.+)-(?P<key>t1n|t1c|t2w|t2f|seg)$")
 _RE_2021 = re.compile(r"^(?P<id>.+)_(?P<key>t1|t1ce|t2|flair|seg)$")
@@ -67,6 +71,9 @@ class Case:
     images: dict[str, Path | None]
     seg: Path | None = None
     population: str | None = None
+    brain_mask: Path | None = None
+    """A brain mask on the images' grid (manifest column ``brain_mask``): the background is
+    every voxel outside it, instead of the detected one (:func:`background_of`)."""
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -80,6 +87,8 @@ class Case:
         out = [(c, p) for c in CONTRASTS if (p := self.images.get(c)) is not None]
         if self.seg is not None:
             out.append((SEG_KEY, self.seg))
+        if self.brain_mask is not None:
+            out.append((BRAIN_MASK_KEY, self.brain_mask))
         return out
 
 
@@ -113,7 +122,13 @@ class CaseReport:
     shape: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
     label_values: tuple[int, ...] | None = None
+    background: str | None = None
+    """What was taken for the background outside the brain: ``zero``, ``constant V`` (a
+    pre-normalised image's fill value, per contrast where they differ), ``brain mask`` or
+    ``none found``."""
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Usable, but worth a look (no background found)."""
 
     @property
     def ok(self) -> bool:
@@ -226,11 +241,12 @@ def read_manifest(manifest: str | Path) -> list[Case]:
                 f"{path}: expected at least one contrast column ({', '.join(CONTRASTS)}), "
                 f"found columns {header}"
             )
-        unknown = [h for h in header if h not in columns and h not in (id_col, "population")]
+        unknown = [h for h in header
+                   if h not in columns and h not in (id_col, "population", BRAIN_MASK_KEY)]
         if unknown:
             raise DataError(
                 f"{path}: unknown columns {unknown}; expected {id_col}, "
-                f"{', '.join(CONTRASTS)}, seg and optionally population"
+                f"{', '.join(CONTRASTS)}, seg and optionally population, {BRAIN_MASK_KEY}"
             )
         cases, seen = [], set()
         for lineno, raw in enumerate(reader, start=2):
@@ -252,13 +268,18 @@ def read_manifest(manifest: str | Path) -> list[Case]:
                     seg = file
                 else:
                     images[key] = file
+            mask_cell = row.get(BRAIN_MASK_KEY, "")
+            brain_mask = None
+            if mask_cell:
+                brain_mask = (Path(mask_cell) if Path(mask_cell).is_absolute()
+                              else path.parent / mask_cell)
             pop = row.get("population") or population_from_id(case_id)
             if pop and pop.upper() not in POPULATIONS:
                 raise DataError(
                     f"{path}, line {lineno}: population {pop!r}; expected one of "
                     f"{', '.join(POPULATIONS)}"
                 )
-            cases.append(Case(case_id, images, seg, pop.upper() if pop else None))
+            cases.append(Case(case_id, images, seg, pop.upper() if pop else None, brain_mask))
     if not cases:
         raise DataError(f"{path}: the manifest lists no cases")
     return cases
@@ -304,7 +325,7 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
     ref_shape: tuple[int, ...] | None = None
     ref_affine: np.ndarray | None = None
     image: np.ndarray | None = None
-    seg = None
+    seg = mask = None
     for key, path in case.files():
         read = _read_volume(case.case_id, key, path, problems)
         if read is None:
@@ -329,6 +350,12 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
             )
             continue
 
+        if key == BRAIN_MASK_KEY:
+            mask = np.asarray(data) > 0
+            if not mask.any():
+                problems.append(f"{where}: the brain mask is empty (expected non-zero voxels "
+                                "on the brain)")
+            continue
         if key == SEG_KEY:
             if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
                 problems.append(f"{where}: segmentation contains NaN or inf")
@@ -356,6 +383,7 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
 
     if problems or image is None:
         return report, None
+    report.background = _zero_background(image, case, mask, report.warnings)
     loaded = LoadedCase(
         case_id=case.case_id,
         image=image,
@@ -365,6 +393,55 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
         population=case.population,
     )
     return report, loaded
+
+
+def background_of(volume: np.ndarray) -> float | None:
+    """The value that fills ``volume``'s background: the one held by at least
+    :data:`BACKGROUND_SHARE` of its border voxels (its six faces), or None when there is none
+    (an image that is not skull-stripped, or noise at the border)."""
+    faces = [volume[i].ravel() for i in (0, -1)] + [volume[:, i].ravel() for i in (0, -1)]
+    faces += [volume[:, :, i].ravel() for i in (0, -1)]
+    border = np.concatenate(faces)
+    values, counts = np.unique(border, return_counts=True)
+    top = int(counts.argmax())
+    return float(values[top]) if counts[top] >= BACKGROUND_SHARE * border.size else None
+
+
+def _zero_background(image: np.ndarray, case: Case, mask: np.ndarray | None,
+                     warnings: list[str]) -> str:
+    """Make each present contrast's background exactly zero, in place, so that the crop to
+    the brain, its z-score and the zero-filling of missing contrasts see what a BraTS image
+    gives them: with a brain mask, every voxel outside it; else a constant fill value found at
+    the border (:func:`background_of`; a pre-normalised image's, e.g. -3.6) is subtracted (the
+    z-score is unchanged by the shift). Returns what was used (``CaseReport.background``)."""
+    if mask is not None:
+        for i, c in enumerate(CONTRASTS):
+            if case.images.get(c) is not None:
+                image[i][~mask] = 0.0
+        return "brain mask"
+    used: dict[str, str] = {}
+    for i, c in enumerate(CONTRASTS):
+        if case.images.get(c) is None:
+            continue
+        value = background_of(image[i])
+        if value is None:
+            used[c] = "none found"
+        elif value == 0.0:
+            used[c] = "zero"
+        else:
+            image[i] -= np.float32(value)
+            used[c] = f"constant {value:.4g}"
+    lacking = [c for c, v in used.items() if v == "none found"]
+    if lacking:
+        warnings.append(
+            f"case {case.case_id}: {', '.join(lacking)}: no zero or constant background at the "
+            f"volume's border ({BACKGROUND_SHARE:.0%} of its voxels one value); the crop keeps "
+            "the whole volume and the z-score includes whatever surrounds the brain. "
+            f"Skull-strip it, or give a {BRAIN_MASK_KEY} column in a manifest")
+    kinds = set(used.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    return ", ".join(f"{c} {v}" for c, v in used.items())
 
 
 def check_case(case: Case, convention: str = DEFAULT_CONVENTION) -> CaseReport:

@@ -7,7 +7,8 @@ The pipeline a case goes through, in order (``preprocessing`` then ``augmentatio
    MetaTensor with the affine), ``label`` (``1, H, W, D``), ``present`` (``C`` bools), ``case_id``.
 2. ``Orientationd``: reorient to RAS.
 3. ``CropForegroundd``: crop to the brain (voxels non-zero in any contrast; BraTS images are
-   skull-stripped with a zero background).
+   skull-stripped with a zero background; ``load_case`` makes a pre-normalised image's constant
+   background, or everything outside a manifest's brain mask, zero first).
 4. ``Spacingd``: resample to the configured spacing (images trilinear, labels nearest).
 5. ``NormalizeIntensityd``: z-score each contrast inside the brain (its non-zero voxels); a missing
    contrast stays all zero, i.e. the brain's mean.
@@ -93,6 +94,12 @@ class LoadCased(MapTransform):
         return d
 
 
+def nonzero(x):
+    """The brain: voxels non-zero in any contrast (its background is zero after
+    :class:`LoadCased`; a z-scored brain has negative values too)."""
+    return x != 0
+
+
 def preprocessing(
     spacing: Sequence[float] | None,
     convention: str = DEFAULT_CONVENTION,
@@ -103,7 +110,8 @@ def preprocessing(
     steps: list = [
         LoadCased(convention, require_seg=require_seg),
         Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True),
-        CropForegroundd(keys=keys, source_key=IMAGE, allow_missing_keys=True),
+        CropForegroundd(keys=keys, source_key=IMAGE, select_fn=nonzero,
+                        allow_missing_keys=True),
     ]
     if spacing is not None:
         steps.append(
@@ -145,7 +153,7 @@ def augmentation(patch_size: Sequence[int], pos_fraction: float = 2 / 3) -> list
     ]
 
 
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 """Bumped whenever :func:`preprocessing` changes what it produces: cases kept on disk by an
 older version (:func:`build_dataset` with a ``cache_dir``) are then preprocessed again."""
 

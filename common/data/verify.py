@@ -22,13 +22,14 @@ def verify_site(
 
 def format_reports(reports: Sequence[CaseReport]) -> str:
     """A plain-text table: case, contrasts, shape, spacing, labels, status; problems below."""
-    rows = [("case", "contrasts", "shape", "spacing (mm)", "labels", "status")]
+    rows = [("case", "contrasts", "shape", "spacing (mm)", "labels", "background", "status")]
     for r in reports:
         contrasts = ",".join(c if c in r.contrasts else "-" for c in CONTRASTS)
         shape = "x".join(map(str, r.shape)) if r.shape else "?"
         spacing = "x".join(f"{s:g}" for s in r.spacing) if r.spacing else "?"
         labels = ",".join(map(str, r.label_values)) if r.label_values is not None else "-"
-        rows.append((r.case_id, contrasts, shape, spacing, labels, "ok" if r.ok else "UNUSABLE"))
+        status = "UNUSABLE" if not r.ok else ("ok, warning" if r.warnings else "ok")
+        rows.append((r.case_id, contrasts, shape, spacing, labels, r.background or "-", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     problems = [p for r in reports for p in r.problems]
@@ -42,6 +43,10 @@ def format_reports(reports: Sequence[CaseReport]) -> str:
     if problems:
         lines.append("problems:")
         lines.extend(f"  - {p}" for p in problems)
+    warnings = [w for r in reports for w in r.warnings]
+    if warnings:
+        lines.append("warnings:")
+        lines.extend(f"  - {w}" for w in warnings)
     return "\n".join(lines)
 
 

@@ -224,3 +224,81 @@ def test_unchanged_site_copy_is_identical(brats2023_site, tmp_path):
     shutil.copytree(brats2023_site, copy)
     a, b = load_case(_case(brats2023_site)), load_case(_case(copy))
     assert np.array_equal(a.image, b.image) and np.array_equal(a.seg, b.seg)
+
+
+# --- the background outside the brain -----------------------------------------------------
+
+
+def _prenormalised(images: dict, fill: float = -3.6) -> dict:
+    """Each contrast z-scored over its brain, the background set to a constant, as public and
+    in-house sets are often shipped (float32)."""
+    out = {}
+    for key, arr in images.items():
+        a = arr.astype(np.float32)
+        brain = a != 0
+        z = (a - a[brain].mean()) / a[brain].std()
+        out[key] = np.where(brain, z, np.float32(fill)).astype(np.float32)
+    return out
+
+
+def test_a_constant_background_of_a_prenormalised_case_is_the_background(tmp_path):
+    from monai.transforms import Compose
+
+    from fedbrats.common.data.transforms import IMAGE, LABEL, preprocessing
+
+    images, seg = make_volume(shape=(40, 36, 30))
+    shifted = _prenormalised(images)
+    for name, imgs in (("raw", images), ("z", shifted)):
+        for key, arr in imgs.items():
+            save_nifti(tmp_path / name / "BraTS-GLI-00001-000" / f"BraTS-GLI-00001-000-{key}.nii.gz",
+                       arr)
+        save_nifti(tmp_path / name / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", seg)
+    (raw_case,) = discover_cases(tmp_path / "raw")
+    (z_case,) = discover_cases(tmp_path / "z")
+    assert check_case(raw_case).background == "zero"
+    report = check_case(z_case)
+    assert report.ok and report.background == "constant -3.6" and not report.warnings
+    loaded = load_case(z_case)
+    brain = images["t1n"] != 0
+    assert (loaded.image[:, ~brain] == 0).all() and (loaded.image[:, brain] != 0).any()
+    # the crop to the brain and its z-score are those of the zero-background original
+    steps = Compose(preprocessing(None))
+    a, b = steps({"case": raw_case}), steps({"case": z_case})
+    assert a[IMAGE].shape == b[IMAGE].shape and a[IMAGE].shape[1:] != (40, 36, 30)
+    np.testing.assert_allclose(np.asarray(b[IMAGE]), np.asarray(a[IMAGE]), atol=1e-4)
+    assert np.array_equal(np.asarray(a[LABEL]), np.asarray(b[LABEL]))
+    table = format_reports(verify_site(tmp_path / "z"))
+    assert "background" in table.splitlines()[0] and "constant -3.6" in table
+
+
+def test_a_brain_mask_column_overrides_the_detection_and_no_background_warns(tmp_path):
+    images, seg = make_volume(shape=(40, 36, 30))
+    rng = np.random.default_rng(0)
+    noisy = {k: (a + rng.normal(0, 5, a.shape)).astype(np.float32) for k, a in images.items()}
+    brain = (images["t1n"] != 0).astype(np.uint8)
+    for key, arr in noisy.items():
+        save_nifti(tmp_path / "scans" / f"p1_{key}.nii.gz", arr)
+    save_nifti(tmp_path / "scans" / "p1_seg.nii.gz", seg)
+    save_nifti(tmp_path / "scans" / "p1_brain.nii.gz", brain)
+    cells = ",".join(f"scans/p1_{k}.nii.gz" for k in ("t1n", "t1c", "t2w", "t2f"))
+    (tmp_path / "plain.csv").write_text(f"case_id,t1n,t1c,t2w,t2f,seg\np1,{cells},scans/p1_seg.nii.gz\n")
+    (tmp_path / "masked.csv").write_text("case_id,t1n,t1c,t2w,t2f,seg,brain_mask\n"
+                                         f"p1,{cells},scans/p1_seg.nii.gz,scans/p1_brain.nii.gz\n")
+    (plain,) = discover_cases(tmp_path / "plain.csv")
+    report = check_case(plain)
+    assert report.ok and report.background == "none found"
+    (warning,) = report.warnings
+    assert "p1" in warning and "no zero or constant background" in warning
+    assert "brain_mask" in warning
+    assert "ok, warning" in format_reports([report]) and "warnings:" in format_reports([report])
+    (masked,) = discover_cases(tmp_path / "masked.csv")
+    assert masked.brain_mask == tmp_path / "scans" / "p1_brain.nii.gz"
+    report = check_case(masked)
+    assert report.ok and report.background == "brain mask" and not report.warnings
+    loaded = load_case(masked)
+    assert (loaded.image[:, brain == 0] == 0).all()
+    assert np.allclose(loaded.image[0][brain == 1], noisy["t1n"][brain == 1])
+    # a mask on another grid is named as such
+    save_nifti(tmp_path / "scans" / "p1_brain.nii.gz", brain[:-1])
+    report = check_case(masked)
+    assert not report.ok and any("brain_mask file" in p and "shape" in p for p in report.problems)

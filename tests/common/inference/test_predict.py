@@ -13,6 +13,7 @@ import torch
 from conftest import save_nifti
 from torch import nn
 
+import fedbrats.common.data.cases as cases_module
 from fedbrats.common.cli import main
 from fedbrats.common.config import PRESETS
 from fedbrats.common.data.cases import DataError, discover_cases
@@ -223,6 +224,30 @@ def test_lps_and_ras_copies_give_the_same_segmentation(tmp_path, student):
     np.testing.assert_allclose(flipped.uncertainty[::-1, ::-1], ras.uncertainty, atol=1e-4)
     assert ras.uncertainty.dtype == np.float32
     assert 0 <= ras.uncertainty.min() and ras.uncertainty.max() <= math.log(4) + 1e-5
+
+
+def test_a_prenormalised_case_with_a_constant_background_segments_as_the_raw_one(
+        tmp_path, student, monkeypatch):
+    """The same case shipped z-scored with its background at -3.6 (float32) gives the
+    segmentation of the raw, zero-background copy: the fill is taken for the background. On
+    the student's own grid (4 mm here), so that no resampling blends the brain's edge with a
+    background that means another intensity in each copy."""
+    images, _ = sphere_case((30, 28, 24), (4.0, 4.0, 4.0))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    z = {}
+    for key, arr in images.items():
+        a = arr.astype(np.float32)
+        brain = a != 0
+        z[key] = np.where(brain, (a - a[brain].mean()) / a[brain].std(), -3.6).astype(np.float32)
+    raw_dir = write_case(tmp_path / "raw", "BraTS-MEN-00004-000", images, affine)
+    z_dir = write_case(tmp_path / "z", "BraTS-MEN-00004-000", z, affine)
+    raw, shipped = (predict_case(student, discover_cases(d)[0])
+                    for d in (raw_dir, z_dir))
+    assert student.spacing == (4.0, 4.0, 4.0) and len(np.unique(raw.labels)) > 1
+    assert np.mean(raw.labels == shipped.labels) > 0.999
+    monkeypatch.setattr(cases_module, "background_of", lambda volume: None)  # as before
+    before = predict_case(student, discover_cases(z_dir)[0])
+    assert np.mean(raw.labels == before.labels) < 0.9
 
 
 # --------------------------------------------------------------------------------------------
