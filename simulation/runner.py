@@ -27,8 +27,8 @@ from fedbrats.simulation.progress import ProgressDisplay
 from fedbrats.simulation.sites import SITE_ARG
 
 MIN_DEMO_CASES = 6
-DEFAULT_DATA = "data/phantoms"
 """Cases per population at least, when phantoms are generated: 4 to train, 2 to validate."""
+DEFAULT_DATA = "data/phantoms"
 
 
 class SimulationError(RuntimeError):
@@ -259,6 +259,7 @@ def _run(args) -> int:
         print(f"--set: {e}", file=sys.stderr)
         return 2
     from fedbrats.common.config import ConfigError, simulation_sites
+    from fedbrats.common.data.labels import DEFAULT_CONVENTION
     from fedbrats.simulation.sites import (
         check_sites_data,
         parse_site_arg,
@@ -300,7 +301,7 @@ def _run(args) -> int:
                   "set there, or name each site's data with --site POP=PATH", file=sys.stderr)
             return 2
     checked = (simulation_sites(overrides["sim-sites"]) if given else
-               [{"population": p, "data-dir": str(data / p), "labels": "brats2023",
+               [{"population": p, "data-dir": str(data / p), "labels": DEFAULT_CONVENTION,
                  "manifest": ""} for p in POPULATIONS[:sites]])
     problems = check_sites_data(checked)
     if problems:

@@ -1,7 +1,9 @@
 """Paired student vs student_kept (teacher-cache) over the 3 seeds of docs/bench/quality-parts/f1.
 Run: fedbrats bench quality --methods student_kept --seeds S --out OUT-S, then this script
 (with the OUT-S folders in the path below)."""
-import json, statistics as st
+import json
+import statistics as st
+
 R = ("WT", "TC", "ET"); rows = {}
 for s in (0, 1, 2):
     a = json.load(open(f"docs/bench/quality-parts/f1/seed-{s}/student.json"))

@@ -530,10 +530,10 @@ def measure_phase2(settings: PerfSettings, work: Path, cores: int) -> dict[str, 
             "in_process_seconds": inproc, "ratio": sim / inproc}
 
 
-def _round_seconds(run_dir: Path) -> list[float]:
-    """Each distillation round's ``train_seconds`` from ``rounds.json``, in round order."""
+def _rounds(run_dir: Path) -> list[dict]:
+    """The ``rounds.json`` entries of a run, in round order."""
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    return [float(r["train_seconds"]) for r in sorted(rounds, key=lambda r: r["round"])]
+    return sorted(rounds, key=lambda r: r["round"])
 
 
 def measure_deployment(work: Path, cases: int = 20, shape: Sequence[int] = (240, 240, 155),
@@ -586,12 +586,12 @@ def measure_deployment(work: Path, cases: int = 20, shape: Sequence[int] = (240,
                           **settings}, timeout=7200)
     if result.returncode != 0 or not str(result.status).endswith("completed"):
         raise RuntimeError(f"the deployment run failed ({result.status}); see {result.log}")
-    sim_s, dep_s = _round_seconds(sim_dir), _round_seconds(fed_dir / "run")
-    starts = {}
-    for name, d in (("simulation", sim_dir), ("deployment", fed_dir / "run")):
-        entries = sorted(json.loads((d / "rounds.json").read_text()), key=lambda r: r["round"])
-        starts[name] = [{k: e["train"]["GLI"].get(k)
-                         for k in ("process_age_s", "first_step_s", "round_s")} for e in entries]
+    entries = {"simulation": _rounds(sim_dir), "deployment": _rounds(fed_dir / "run")}
+    sim_s, dep_s = ([float(e["train_seconds"]) for e in entries[name]]
+                    for name in ("simulation", "deployment"))
+    starts = {name: [{k: e["train"]["GLI"].get(k)
+                      for k in ("process_age_s", "first_step_s", "round_s")} for e in rounds]
+              for name, rounds in entries.items()}
     run = _run_config(preset)
     later_sim, later_dep = statistics.mean(sim_s[1:]), statistics.mean(dep_s[1:])
     return {"preset": preset, "cases": cases, "shape": list(shape), "rounds": rounds,
