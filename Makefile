@@ -7,7 +7,7 @@ DATA ?= data/phantoms
 CASES ?= 16
 SHAPE ?= 96
 
-.PHONY: help venv synth demo test test-all lint docs-images clean
+.PHONY: help venv synth demo test test-all lint docs-images brats2025 clean
 
 help:
 	@echo "make demo         set up .venv, generate the phantoms if absent, run the five-site simulation"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-all     also run the slow tests"
 	@echo "make lint         ruff"
 	@echo "make docs-images  regenerate docs/img/phantom-*.png"
+	@echo "make brats2025    the official BraTS 2025 scorer in an environment of its own (.venv-brats2025)"
 
 # torch 2.13.0 first: on a CPU-only host that pin takes the CPU wheel instead of the CUDA stack.
 # pip's own output (and the build's warnings) go to $(VENV)/install.log; shown if it fails.
@@ -49,5 +50,10 @@ docs-images: $(STAMP)
 	$(VENV)/bin/fedbrats synth --out build/docs-phantoms --cases 1 --min-cases 1 --shape 128 --seed 7
 	$(VENV)/bin/fedbrats snapshot build/docs-phantoms --out docs/img
 
+# The official BraTS 2025 scorer cannot share .venv (its panoptica needs rich<14, Flower rich>=14):
+# `fedbrats evaluate --metrics brats2025` finds this environment beside the checkout.
+brats2025: $(STAMP)
+	$(PY) -m fedbrats.common.metrics.brats2025 .venv-brats2025
+
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) .venv-brats2025 build .pytest_cache

@@ -41,12 +41,14 @@ counts) and ``issues.csv`` (unpaired files and failed cases).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
 import re
 import statistics
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +94,13 @@ REGION_METRICS: Final[tuple[str, ...]] = (
 )
 """Per case and region, in column order."""
 
-COUNT_METRICS: Final[frozenset[str]] = frozenset({"lesion_tp", "lesion_fn", "lesion_fp"})
+COUNT_METRICS: Final[frozenset[str]] = frozenset(
+    {"lesion_tp", "lesion_fn", "lesion_fp", "brats2025_tp", "brats2025_fn", "brats2025_fp"}
+)
 """Metrics that ``summary.csv`` also totals over cases."""
+
+METRIC_SETS: Final[tuple[str, ...]] = ("brats2023", "brats2025")
+"""``--metrics``: fedbrats' own BraTS 2023 metrics (always), and the official BraTS 2025 scorer."""
 
 PER_CASE_COLUMNS: Final[tuple[str, ...]] = ("case_id", "region", *REGION_METRICS)
 SUMMARY_COLUMNS: Final[tuple[str, ...]] = ("region", "metric", "n", "mean", "median", "total")
@@ -146,6 +153,8 @@ class EvaluationResult:
     pred_only: list[tuple[str, Path]] = field(default_factory=list)
     gt_only: list[tuple[str, Path]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    official_versions: dict[str, str] = field(default_factory=dict)
+    """The official scorer's package versions, when ``brats2025`` was asked for."""
 
     @property
     def n_paired(self) -> int:
@@ -303,12 +312,17 @@ def evaluate_pair(
     Raises :class:`EvaluationError` naming both files when the pair cannot be scored (unreadable,
     not 3-D, shapes or affines differ, non-finite or unknown label values).
     """
+    return _score_pair(pair, challenge, labels, pred_labels)[0]
+
+
+def load_pair(pair: CasePair, labels: str = DEFAULT_CONVENTION, pred_labels: str | None = None):
+    """Both label maps of a pair, checked and in the internal convention, and the ground
+    truth's affine: ``(pred, gt, affine)``. Raises :class:`EvaluationError` (see
+    :func:`evaluate_pair`)."""
     import numpy as np
 
-    from fedbrats.common.data.cases import AFFINE_TOLERANCE_MM, voxel_spacing
-    from fedbrats.common.data.contract import region_masks
+    from fedbrats.common.data.cases import AFFINE_TOLERANCE_MM
     from fedbrats.common.data.labels import LabelError, to_internal
-    from fedbrats.common.metrics.brats import evaluate_case
 
     cid = pair.case_id
     gt_raw, gt_affine = _read(pair.gt, "ground truth", cid)
@@ -338,6 +352,17 @@ def evaluate_pair(
     except LabelError as e:
         raise EvaluationError(str(e).replace("(pass --labels ", "(pass --pred-labels ")) from None
 
+    return pred, gt, gt_affine
+
+
+def _score_pair(pair: CasePair, challenge: str, labels: str, pred_labels: str | None):
+    import numpy as np
+
+    from fedbrats.common.data.cases import voxel_spacing
+    from fedbrats.common.data.contract import region_masks
+    from fedbrats.common.metrics.brats import evaluate_case
+
+    pred, gt, gt_affine = load_pair(pair, labels, pred_labels)
     spacing = voxel_spacing(gt_affine)
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
     scores = evaluate_case(pred, gt, spacing, challenge)
@@ -359,7 +384,7 @@ def evaluate_pair(
             "gt_volume_mm3": float(np.count_nonzero(g_mask)) * voxel_mm3,
             "pred_volume_mm3": float(np.count_nonzero(p_mask)) * voxel_mm3,
         }
-    return out
+    return out, pred, gt, gt_affine
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +399,8 @@ def evaluate_folders(
     labels: str = DEFAULT_CONVENTION,
     pred_labels: str | None = None,
     progress: bool = False,
+    metrics: Sequence[str] = ("brats2023",),
+    scorer_python: str | Path | None = None,
 ) -> EvaluationResult:
     """Pair the folders' files and score every pair; never stops at a bad case.
 
@@ -381,6 +408,13 @@ def evaluate_folders(
     ground truth's label convention and ``pred_labels`` the prediction's (default: the same).
     ``progress`` shows a progress bar (tqdm, on stderr). Warnings (unpaired files, case ids of
     another population) and failed cases are returned in the result, not logged.
+
+    ``metrics``: ``brats2023`` (fedbrats' own, always computed) and ``brats2025``, which adds the
+    official BraTS 2025 scorer's columns
+    (:data:`~fedbrats.common.metrics.brats2025.BRATS2025_METRICS`) for every case that passed
+    the checks, run with ``scorer_python`` (see
+    :func:`~fedbrats.common.metrics.brats2025.find_scorer_python`, which raises
+    :class:`~fedbrats.common.metrics.brats2025.ScorerUnavailable` before anything is read).
 
     Raises :class:`EvaluationError` when a folder is missing or no file pairs (naming what each
     side holds), and ``ValueError`` for an unknown challenge or convention.
@@ -392,6 +426,14 @@ def evaluate_folders(
     from fedbrats.common.metrics.brats import resolve_challenge
 
     code = resolve_challenge(challenge)
+    unknown = sorted(set(metrics) - set(METRIC_SETS))
+    if unknown:
+        raise ValueError(f"unknown metrics {', '.join(unknown)}; expected {', '.join(METRIC_SETS)}")
+    official_python = None
+    if "brats2025" in metrics:
+        from fedbrats.common.metrics.brats2025 import find_scorer_python
+
+        official_python = find_scorer_python(scorer_python)
     labels = get_convention(labels).name
     pred_labels = get_convention(pred_labels).name if pred_labels else labels
     pairing = pair_cases(pred_dir, gt_dir)
@@ -423,15 +465,40 @@ def evaluate_folders(
             f"scores use {code}'s dilation and volume threshold"
         )
 
-    for pair in tqdm(
-        pairing.pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr
-    ):
-        try:
-            result.per_case[pair.case_id] = evaluate_pair(pair, code, labels, pred_labels)
+    with contextlib.ExitStack() as stack:
+        job = None
+        if official_python is not None:
+            from fedbrats.common.metrics.brats2025 import OfficialJob
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedbrats-brats2025-"))
+            job = OfficialJob(code, Path(tmp))
+        for pair in tqdm(
+            pairing.pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr
+        ):
+            try:
+                scores, pred, gt, affine = _score_pair(pair, code, labels, pred_labels)
+            except EvaluationError as e:
+                result.failed.append(CaseFailure(pair.case_id, str(e), pred=pair.pred, gt=pair.gt))
+                log.debug("%s", e)
+                continue
+            result.per_case[pair.case_id] = scores
+            if job is not None:
+                job.add(pair.case_id, pred, gt, affine)
             log.debug("case %s scored", pair.case_id)
-        except EvaluationError as e:
-            result.failed.append(CaseFailure(pair.case_id, str(e), pred=pair.pred, gt=pair.gt))
-            log.debug("%s", e)
+        if job is not None:
+            if progress:
+                print(f"scoring {len(job.pairs)} case(s) with the official BraTS 2025 scorer",
+                      file=sys.stderr)
+            official, errors, versions = job.run(official_python)
+            result.official_versions = versions
+            for case_id, regions in official.items():
+                for region, values in regions.items():
+                    result.per_case[case_id][region].update(values)
+            for case_id, message in sorted(errors.items()):
+                result.warnings.append(
+                    f"case {case_id}: the official BraTS 2025 scorer failed ({message}); "
+                    "its brats2025 columns are empty"
+                )
     result.failed.sort(key=lambda f: f.case_id)
     return result
 
@@ -466,7 +533,7 @@ def summarise(
     and ``total`` for the lesion counts (None for the other metrics)."""
     rows = []
     for region in REGIONS:
-        for metric in REGION_METRICS:
+        for metric in _metrics_of(per_case):
             values = [
                 float(v)
                 for case in per_case.values()
@@ -483,6 +550,17 @@ def summarise(
                 }
             )
     return rows
+
+
+def _metrics_of(per_case: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[str, ...]:
+    """:data:`REGION_METRICS`, and the official scorer's columns when any case has them."""
+    from fedbrats.common.metrics.brats2025 import BRATS2025_METRICS
+
+    official = any(
+        m in scores for case in per_case.values() for scores in case.values()
+        for m in BRATS2025_METRICS
+    )  # fmt: skip
+    return REGION_METRICS + (tuple(BRATS2025_METRICS) if official else ())
 
 
 def _cell(value: Any) -> Any:
@@ -510,7 +588,7 @@ def write_results(result: EvaluationResult, out: str | Path) -> dict[str, Path]:
     paths = {name: folder / f"{name}.csv" for name in ("per_case", "summary", "issues")}
     _write_csv(
         paths["per_case"],
-        PER_CASE_COLUMNS,
+        ("case_id", "region", *_metrics_of(result.per_case)),
         (
             {"case_id": case_id, "region": region, **scores[region]}
             for case_id, scores in result.per_case.items()
@@ -533,6 +611,11 @@ def write_results(result: EvaluationResult, out: str | Path) -> dict[str, Path]:
     ]  # fmt: skip
     _write_csv(paths["issues"], ISSUE_COLUMNS, issues)
     return paths
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def format_summary(result: EvaluationResult) -> str:
@@ -572,12 +655,28 @@ def format_summary(result: EvaluationResult) -> str:
                 counts,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"{result.challenge}: {len(result.per_case)} of {result.n_paired} paired cases scored; "
         "mean (median) over the scored cases, lesion counts summed"
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _table(rows)
+    if ("WT", "brats2025_dice") in by_key:
+        versions = ", ".join(f"{k} {v}" for k, v in result.official_versions.items())
+        lines.append(f"official BraTS 2025 scorer ({versions}); lesion-wise means over matched "
+                     "lesions, HD95 of a missed or spurious region 373 mm")
+        official = [("region", "Dice", "NSD", "HD95 mm", "lesion Dice", "lesion NSD",
+                     "lesion HD95 mm", "lesions TP/FN/FP")]
+        for region in REGIONS:
+            counts = "/".join(
+                str(by_key[(region, m)]["total"])
+                for m in ("brats2025_tp", "brats2025_fn", "brats2025_fp")
+            )
+            official.append(
+                (region, *(mm(region, f"brats2025_{m}", d) for m, d in (
+                    ("dice", 3), ("nsd", 3), ("hd95", 2), ("lesion_dice", 3),
+                    ("lesion_nsd", 3), ("lesion_hd95", 2))), counts)
+            )
+        lines += _table(official)
     for w in result.warnings:
         lines.append(f"warning: {w}")
     if result.failed:
@@ -592,11 +691,14 @@ def format_summary(result: EvaluationResult) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedbrats.common.metrics.brats2025 import ScorerUnavailable
+
     try:
         result = evaluate_folders(
-            args.pred, args.gt, args.challenge, args.labels, args.pred_labels, args.progress
+            args.pred, args.gt, args.challenge, args.labels, args.pred_labels, args.progress,
+            metrics=args.metrics, scorer_python=args.scorer_python,
         )
-    except EvaluationError as e:
+    except (EvaluationError, ScorerUnavailable) as e:
         print(f"error: {e}")
         return 2
     paths = write_results(result, args.out)
@@ -608,7 +710,8 @@ def _run(args: argparse.Namespace) -> int:
 def register_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="score predicted segmentations against the ground truth (BraTS 2023 metrics)",
+        help="score predicted segmentations against the ground truth (BraTS 2023 metrics; "
+        "the official BraTS 2025 scorer with --metrics brats2025)",
         description=(
             "Pair the segmentation files of --pred and --gt by case id (BraTS 2023 names such "
             "as BraTS-GLI-00001-000-seg.nii.gz or BraTS-GLI-00001-000.nii.gz, BraTS 2021 names "
@@ -652,5 +755,33 @@ def register_evaluate(subparsers) -> None:
         default="evaluation",
         help="folder for per_case.csv, summary.csv and issues.csv (default ./evaluation)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="SET",
+        type=_metric_sets,
+        default=("brats2023",),
+        help="brats2023 (default: fedbrats' own BraTS 2023 metrics) or brats2025 (the same and, "
+        "beside them, the official BraTS 2025 scorer's: global Dice, NSD and HD95, matched-"
+        "lesion Dice, NSD and HD95 and instance counts; it runs in its own environment, see "
+        "--scorer-python); a comma-separated list is accepted",
+    )
+    p.add_argument(
+        "--scorer-python",
+        metavar="PYTHON",
+        default=None,
+        help="the Python of the official scorer's environment (default: "
+        "$FEDBRATS_BRATS2025_PYTHON, else .venv-brats2025/bin/python beside this checkout, "
+        "made by `make brats2025`)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run)
+
+
+def _metric_sets(text: str) -> tuple[str, ...]:
+    sets = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    bad = [t for t in sets if t not in METRIC_SETS]
+    if bad or not sets:
+        raise argparse.ArgumentTypeError(
+            f"unknown metrics {', '.join(bad) or repr(text)}; expected {' or '.join(METRIC_SETS)}"
+        )
+    return tuple(dict.fromkeys(("brats2023", *sets)))
