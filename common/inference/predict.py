@@ -85,7 +85,6 @@ overlap by the run setting sw-overlap, 0.25 by default)."""
 
 UNCERTAINTY_KINDS = ("entropy", "tta")
 DEVICES = ("auto", "cpu", "cuda")
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 class PredictError(RuntimeError):
@@ -129,30 +128,11 @@ def postprocess(
     Volumes are voxel counts times the voxel volume from ``spacing`` (mm). A threshold of 0 skips
     its step. Returns a new array (uint8) and what was changed; ``labels`` is left untouched.
     """
-    from scipy import ndimage
+    from fedbrats.common.inference.postprocessing import clean_labels
 
-    arr = np.asarray(labels)
-    if arr.ndim != 3:
-        raise ValueError(f"postprocess expects a 3-D label map, got shape {arr.shape}")
-    if len(spacing) != 3:
-        raise ValueError(f"postprocess expects three voxel sizes (mm), got {tuple(spacing)}")
-    out = arr.astype(np.uint8, copy=True)
-    vox = voxel_volume(spacing)
-    removed, removed_mm3, relabelled_mm3 = 0, 0.0, 0.0
-    if thresholds.min_component_mm3 > 0 and out.any():
-        comp, n = ndimage.label(out > 0, structure=_CONNECTIVITY_26)
-        sizes = np.bincount(comp.ravel(), minlength=n + 1) * vox
-        small = np.flatnonzero(sizes < thresholds.min_component_mm3)
-        small = small[small > 0]
-        if small.size:
-            out[np.isin(comp, small)] = 0
-            removed, removed_mm3 = int(small.size), float(sizes[small].sum())
-    if thresholds.et_min_mm3 > 0:
-        et = out == 3
-        et_mm3 = float(np.count_nonzero(et)) * vox
-        if 0 < et_mm3 < thresholds.et_min_mm3:
-            out[et] = 1
-            relabelled_mm3 = et_mm3
+    out, removed, removed_mm3, relabelled_mm3 = clean_labels(
+        labels, spacing, thresholds.min_component_mm3, thresholds.et_min_mm3
+    )
     return out, PostprocessReport(removed, removed_mm3, relabelled_mm3)
 
 

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.common.data.contract import CONTRASTS, NUM_CLASSES
+from fedbrats.common.networks.heads import PopulationHeads, with_population_heads
 from fedbrats.common.utils.hints import close_matches, suggestion
 from fedbrats.common.utils.seeds import derived_seed
 
@@ -393,41 +394,13 @@ def build_network(
 # --------------------------------------------------------------------------------------------
 
 
-class PopulationHeads(nn.Module):
-    """One copy of a network's last block per population, in place of that block.
-
-    :attr:`population` picks the copy a forward pass uses (every site trains the body and its
-    own population's copy); ``None`` gives the mean of all copies' outputs (the logits' mean),
-    for a case whose population is not known. Each copy is aggregated over its own
-    population's sites only (:func:`population_mean`). State-dict keys read
-    ``<block>.population_heads.<POP>.<...>`` (:func:`head_population`).
-    """
-
-    def __init__(self, block: nn.Module, populations: Sequence[str]):
-        super().__init__()
-        import copy
-
-        self.population_heads = nn.ModuleDict({p: copy.deepcopy(block) for p in populations})
-        self.population: str | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.population is None:
-            return torch.stack([h(x) for h in self.population_heads.values()]).mean(0)
-        return self.population_heads[self.population](x)
-
-    def extra_repr(self) -> str:
-        return f"populations={list(self.population_heads)}, population={self.population!r}"
-
-
 def _add_population_heads(net: nn.Module, block_name: str, populations: Sequence[str]) -> None:
     from fedbrats.common.data.contract import check_population
 
     pops = [check_population(p) for p in populations]
     if len(set(pops)) != len(pops):
         raise ValueError(f"{POPULATION_HEADS}: duplicate populations in {list(populations)}")
-    parent_name, _, child = block_name.rpartition(".")
-    parent = net.get_submodule(parent_name) if parent_name else net
-    setattr(parent, child, PopulationHeads(getattr(parent, child), pops))
+    with_population_heads(net, block_name, pops)
 
 
 def set_population(model: nn.Module, population: str | None) -> nn.Module:
