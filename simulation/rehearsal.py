@@ -28,7 +28,8 @@ Flower's own children (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientap
 SuperLink starts its SuperExec in a new session and a SIGKILL-ed parent leaves its children to
 init, so process groups alone do not find them all; the environment marker does. Stopping sends
 SIGTERM to a component's processes, then SIGKILL after a grace period; leaving the ``with`` block
-(also on errors) stops every process the federation started.
+(also on errors, and on SIGINT, SIGTERM or SIGHUP to the process that runs it) stops every
+process the federation started.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbrats.common.utils.processes import (
+    StopSignals,
+    alive,
+    command_line,
+    environ,
+    marked,
+    send,
+)
 from fedbrats.simulation.runner import config_string, free_port, poll_health, project_dir
 
 DEFAULT_NAME = "fedbrats"
@@ -66,52 +75,9 @@ class DeployError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def _proc_environ(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return b""
-
-
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def marked_processes(marker: str) -> list[int]:
     """PIDs of live processes whose environment holds ``FEDBRATS_PROCESS=<marker>...``."""
-    needle = f"{ENV_MARKER}={marker}".encode()
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if pid == os.getpid():
-            continue
-        env = _proc_environ(pid)
-        if any(var.startswith(needle) for var in env.split(b"\0")) and _alive(pid):
-            out.append(pid)
-    return sorted(out)
-
-
-def _signal(pids: Iterable[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    return marked(ENV_MARKER, marker, prefix=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +315,7 @@ class LocalFederation:
         pids = marked_processes(marker)
         if component:  # "supernode-GLI" must not match "supernode-GLI2"
             exact = f"{ENV_MARKER}={self.token}:{component}".encode()
-            pids = [p for p in pids if exact in _proc_environ(p).split(b"\0")]
+            pids = [p for p in pids if exact in environ(p)]
         return pids
 
     def log_of(self, component: str, current: bool = False) -> str:
@@ -373,7 +339,7 @@ class LocalFederation:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
-        _signal(self.pids(component), sig)
+        send(self.pids(component), sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             if proc is not None:
@@ -387,7 +353,7 @@ class LocalFederation:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _signal(left, signal.SIGKILL)
+        send(left, signal.SIGKILL)
         if proc is not None:
             try:
                 proc.wait(timeout=10)
@@ -399,15 +365,25 @@ class LocalFederation:
 
     # -- set-up -------------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
+        # SIGINT, SIGTERM, SIGHUP to this process unwind the block, so that every process of
+        # the federation is stopped (the default SIGTERM and SIGHUP would end Python at once)
+        self._signals = StopSignals().__enter__()
         try:
             self.start()
         except BaseException:
-            self.close()
+            self._end()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._end()
+
+    def _end(self) -> None:
+        self._signals.ignore()  # a second signal must not cut the teardown short
+        try:
+            self.close()
+        finally:
+            self._signals.__exit__(None, None, None)
 
     def start(self) -> None:
         """Certificates, SuperLink, connection, registrations, SuperNodes (all online)."""
@@ -612,7 +588,7 @@ class LocalFederation:
 
     def _app_pids(self, component: str, program: str) -> list[int]:
         return [p for p in self.pids(component)
-                if any(Path(a).name == program for a in _proc_cmdline(p)[:2])]
+                if any(Path(a).name == program for a in command_line(p).split()[:2])]
 
     def serverapp_pids(self) -> list[int]:
         """The running ``flwr-serverapp`` processes (one per run)."""
@@ -626,11 +602,11 @@ class LocalFederation:
         """A ServerApp crash: SIGKILL every ``flwr-serverapp`` process, and the ``flwr run``
         streaming its log. Returns the PIDs killed."""
         pids = self.serverapp_pids()
-        _signal(pids, signal.SIGKILL)
+        send(pids, signal.SIGKILL)
         if handle is not None:
             self._terminate(handle.component, signal.SIGKILL, 0.0)
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         return pids
 
@@ -648,7 +624,7 @@ class LocalFederation:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        _signal(self.pids(), signal.SIGTERM)
+        send(self.pids(), signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline:
             for proc in self.procs.values():
@@ -662,7 +638,7 @@ class LocalFederation:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        _signal(self.pids(), signal.SIGKILL)
+        send(self.pids(), signal.SIGKILL)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=10)

@@ -2,8 +2,12 @@
 per population, on this machine.
 
 It owns every process it starts: a ``flower-superlink --simulation`` on free loopback ports, with
-its own FLWR_HOME inside the run folder, then ``flwr run``; the SuperLink's process group is stopped
-at the end, also on errors and Ctrl-C.
+its own FLWR_HOME inside the run folder, then ``flwr run``. However the run ends (done, an error,
+SIGINT, SIGTERM or SIGHUP to this process alone), :func:`end_run` ends every process of it: the
+simulation process first (its own exit shuts Ray down through Ray's API), then the SuperLink's
+process group, then whatever is still alive of the processes it started and of those marked with
+the run folder (:mod:`fedbrats.common.utils.processes`), by process id. A later start on the same
+folder ends what a run killed outright left behind, and refuses a folder whose run is still going.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbrats.common.utils.processes import (
+    RUN_MARKER,
+    RunStopped,
+    StopSignals,
+    alive,
+    command_line,
+    descendants,
+    end_processes,
+    run_processes,
+)
 from fedbrats.simulation.progress import ProgressDisplay
 from fedbrats.simulation.sites import SITE_ARG
 
@@ -120,6 +134,49 @@ def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
         proc.wait(timeout=10)
 
 
+OWNER_FILE = "run.pid"
+"""In the run folder while a run uses it: the owning process's id."""
+
+
+def claim_run_folder(out: Path) -> None:
+    """Take ``out`` for this run: refuse it when another run still uses it; end what a run
+    killed outright (SIGKILL, a lost machine) left running there, saying so."""
+    owner_file = out / OWNER_FILE
+    with contextlib.suppress(OSError, ValueError):
+        owner = int(owner_file.read_text().split()[0])
+        if owner != os.getpid() and alive(owner) and "simulate" in command_line(owner):
+            raise SimulationError(
+                f"{out} is in use by a running simulation (process {owner}: "
+                f"{command_line(owner)}); stop it first, or give another --out"
+            )
+    stale = run_processes(out)
+    if stale:
+        names = "; ".join(f"{p} {command_line(p)[:80]}" for p in stale[:6])
+        print(f"ending {len(stale)} process(es) left running by an earlier run of {out}: "
+              f"{names}", file=sys.stderr)
+        end_processes(stale, grace=10.0)
+    owner_file.write_text(f"{os.getpid()}\n")
+
+
+def end_run(out: Path, superlink: subprocess.Popen | None, grace: float = 10.0) -> list[int]:
+    """End every process of the run in ``out``; returns those that had to be killed.
+
+    1. ``flwr-simulation`` (the Ray driver) gets SIGTERM: Flower's handler ends the run and its
+       backend's ``ray.shutdown()`` stops Ray's processes; up to ``grace`` seconds.
+    2. The SuperLink's process group: SIGTERM, SIGKILL after ``grace``.
+    3. What is still alive of the processes marked with ``out`` and of the SuperLink's
+       descendants (taken before step 1): SIGTERM, SIGKILL after 5 s.
+    """
+    started = set(descendants(superlink.pid)) if superlink is not None else set()
+    mine = started | set(run_processes(out))
+    drivers = [p for p in mine if "flwr-simulation" in command_line(p)]
+    if drivers:
+        end_processes(drivers, grace=grace)
+    _stop(superlink, grace=grace)
+    rest = {p for p in started | set(run_processes(out)) if alive(p)}
+    return end_processes(rest, grace=5.0) if rest else []
+
+
 def _write_connection(home: Path, http_port: int) -> None:
     """The ``flwr`` CLI's connection to the local SuperLink (``FLWR_HOME/config.toml``)."""
     (home / "config.toml").write_text(
@@ -132,6 +189,7 @@ def _simulation_env(home: Path, bin_dir: Path, cpus_per_site: float) -> dict[str
     """The environment of the SuperLink and of ``flwr run``."""
     return {
         **os.environ,
+        RUN_MARKER: str(home.parent),  # inherited by every process of the run (end_run)
         "FLWR_HOME": str(home),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -212,27 +270,26 @@ def run_simulation(
     start = time.monotonic()
     superlink: subprocess.Popen | None = None
 
-    def _terminate(signum, frame):  # SIGTERM: unwind so that `finally` stops the SuperLink
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        superlink = _start_superlink(superlink_exe, http_port, home, log_file, env)
-        _wait_healthy(http_port, superlink, log_file)
-        # --stream makes `flwr run` wait for the run to end; without it it returns at once.
-        cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
-               "-c", run_args,
-               "--stream"]
-        (out / "progress.json").unlink(missing_ok=True)  # a finished run's, if resumed
-        display = ProgressDisplay(out) if progress else contextlib.nullcontext()
-        with (out / "flwr-run.log").open("a") as run_log, display:
-            proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
-                                  stdout=None if stream else run_log,
-                                  stderr=None if stream else subprocess.STDOUT)
-        returncode = proc.returncode
-    finally:
-        _stop(superlink)
-        signal.signal(signal.SIGTERM, previous)
+    claim_run_folder(out)
+    with StopSignals() as stop:
+        try:
+            superlink = _start_superlink(superlink_exe, http_port, home, log_file, env)
+            _wait_healthy(http_port, superlink, log_file)
+            # --stream makes `flwr run` wait for the run to end; without it it returns at once.
+            cmd = [flwr_exe, "run", str(app), "fedbrats-sim", "--federation-config", federation,
+                   "-c", run_args,
+                   "--stream"]
+            (out / "progress.json").unlink(missing_ok=True)  # a finished run's, if resumed
+            display = ProgressDisplay(out) if progress else contextlib.nullcontext()
+            with (out / "flwr-run.log").open("a") as run_log, display:
+                proc = subprocess.run(cmd, env=env, cwd=str(app), check=False,
+                                      stdout=None if stream else run_log,
+                                      stderr=None if stream else subprocess.STDOUT)
+            returncode = proc.returncode
+        finally:
+            stop.ignore()  # a signal now would cut the clean-up short
+            end_run(out, superlink)
+            (out / OWNER_FILE).unlink(missing_ok=True)
     report = out / "report.md"
     return SimulationResult(returncode, out, report if report.exists() else None,
                             time.monotonic() - start)
@@ -311,10 +368,18 @@ def _run(args) -> int:
     print(f"run folder {Path(args.out).resolve()}; Flower's and Ray's log: "
           f"{Path(args.out).resolve() / 'flwr-run.log'}" + ("" if not args.verbose else
                                                            " (and below: --verbose)"))
-    result = run_simulation(args.out, data, num_sites=sites, preset=args.preset,
-                            overrides=overrides, cpus_per_site=args.cpus_per_site,
-                            gpus_per_site=args.gpus_per_site, stream=args.verbose,
-                            progress=not args.verbose)
+    try:
+        result = run_simulation(args.out, data, num_sites=sites, preset=args.preset,
+                                overrides=overrides, cpus_per_site=args.cpus_per_site,
+                                gpus_per_site=args.gpus_per_site, stream=args.verbose,
+                                progress=not args.verbose)
+    except SimulationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(f"\nstopped by {signal.Signals(e.signum).name}: every process of the run has "
+              f"ended; the same command resumes after the last saved round", file=sys.stderr)
+        return 128 + e.signum
     if result.returncode != 0 or result.report is None:
         log = result.output_dir / "flwr-run.log"
         if not args.verbose and log.exists():

@@ -11,17 +11,27 @@ from typing import Any
 def save_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` to ``path`` via a temporary file and a rename.
 
-    A ``str`` is written as text; anything else with ``torch.save``.
+    A ``str`` is written as text; anything else with ``torch.save``. When the write fails (a
+    full disk: ``OSError`` ENOSPC) the temporary file is removed, ``path`` keeps what it held,
+    and the ``OSError`` (same errno) names ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        import torch
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            import torch
 
-        torch.save(obj, tmp)
-    tmp.replace(path)
+            torch.save(obj, tmp)
+        tmp.replace(path)
+    except OSError as e:  # a full disk, a quota, a read-only folder: the old file stays as it was
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"writing {path} failed ({e.strerror or e}); the file before "
+                               "it, if any, is unchanged") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_exclusive(path: Path, data: bytes, mode: int = 0o600, replace: bool = False) -> None:

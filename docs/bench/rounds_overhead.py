@@ -10,7 +10,10 @@
 Writes ``docs/bench/rounds-overhead.md`` and ``.json``. Run from the repository root on a quiet
 machine (about 20 minutes on 2 cores):
 
-    .venv/bin/python docs/bench/rounds_overhead.py WORK_DIR [ROUNDS]
+    .venv/bin/python docs/bench/rounds_overhead.py WORK_DIR [ROUNDS] [phase2|deployment]
+
+With a part named, only that part is measured again and the other's figures are kept from the
+JSON already written (each part is a side-by-side ratio of its own).
 """
 
 import dataclasses
@@ -32,21 +35,35 @@ from fedbrats.simulation.bench.perf import (
 
 work = Path(sys.argv[1]).resolve()
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else FULL.phase2_rounds
+parts = [sys.argv[3]] if len(sys.argv) > 3 else ["phase2", "deployment"]
 cores = os.cpu_count() or 1
-command = "python docs/bench/" + " ".join([Path(__file__).name, "WORK", *sys.argv[2:]])
-t0, machine = time.perf_counter(), machine_info()
-out = {"command": command, "machine": machine}
-out["phase2"] = measure_phase2(dataclasses.replace(FULL, phase2_rounds=rounds), work, cores)
-print("phase 2:", json.dumps(out["phase2"]), flush=True)
-out["deployment"] = measure_deployment(work, cases=FULL.deploy_cases, preset=FULL.preset,
-                                       threads=cores)
-print("deployment:", out["deployment"]["ratio"], flush=True)
-machine["load_average_end"] = machine_info()["load_average"]
-seconds = time.perf_counter() - t0
 here = Path("docs/bench")
+old = json.loads((here / "rounds-overhead.json").read_text()) if len(parts) == 1 else {}
+t0, machine = time.perf_counter(), machine_info()
+out = {k: v for k, v in old.items() if k in ("phase2", "deployment")}
+for figures in out.values():  # written by the first version of this script: one header
+    figures.setdefault("machine", old.get("machine", {}))
+    figures.setdefault("command", old.get("command", ""))
+    figures.setdefault("seconds", float("nan"))
+for part in parts:
+    command = "python docs/bench/" + " ".join([Path(__file__).name, "WORK", str(rounds), part])
+    if part == "phase2":
+        figures = measure_phase2(dataclasses.replace(FULL, phase2_rounds=rounds), work, cores)
+    elif part == "deployment":
+        figures = measure_deployment(work, cases=FULL.deploy_cases, preset=FULL.preset,
+                                     threads=cores)
+    else:
+        raise SystemExit(f"unknown part {part!r}: expected phase2 or deployment")
+    machine["load_average_end"] = machine_info()["load_average"]
+    out[part] = {**figures, "command": command, "machine": dict(machine),
+                 "seconds": time.perf_counter() - t0}
+    print(f"{part}:", json.dumps(figures, default=float)[:400], flush=True)
+    t0, machine = time.perf_counter(), machine_info()
 (here / "rounds-overhead.json").write_text(json.dumps(out, indent=1, default=float))
-lines = ["# What a round costs beyond its training: the simulation engine and deployment", "",
-         *machine_markdown(machine, command, seconds), "",
-         *_md_phase2(out["phase2"]), *md_deployment(out["deployment"]),
-         "Raw numbers: [`rounds-overhead.json`](rounds-overhead.json).", ""]
+lines = ["# What a round costs beyond its training: the simulation engine and deployment", ""]
+for part, render in (("phase2", _md_phase2), ("deployment", md_deployment)):
+    if part in out:
+        lines += [*machine_markdown(out[part]["machine"], out[part]["command"],
+                                    out[part]["seconds"]), "", *render(out[part])]
+lines += ["Raw numbers: [`rounds-overhead.json`](rounds-overhead.json).", ""]
 (here / "rounds-overhead.md").write_text("\n".join(lines))

@@ -231,6 +231,34 @@ def test_latest_checkpoint_skips_a_torn_file(tmp_path):
     assert folder.latest_checkpoint().round == 2
 
 
+def test_a_full_disk_while_writing_a_checkpoint_loses_only_that_round(tmp_path, monkeypatch):
+    """A write that runs out of space half-way (ENOSPC) leaves the checkpoints before it as
+    they were and no torn file behind; the error names the file; resuming takes the round
+    before; the next write, with space again, succeeds."""
+    import errno
+
+    folder = _folder(tmp_path)
+    folder.save_checkpoint(1, {"w": torch.ones(4)})
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    target = folder.path / "checkpoints" / "round-002.pt"
+    with pytest.raises(OSError, match=f"writing {target} failed \\(No space left on device\\)"
+                       ) as raised:
+        folder.save_checkpoint(2, {"w": torch.full((4,), 2.0)})
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (folder.path / "checkpoints").iterdir()) == ["round-001.pt"]
+    assert folder.latest_checkpoint().round == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    folder.save_checkpoint(2, {"w": torch.full((4,), 2.0)})
+    assert folder.latest_checkpoint().round == 2
+
+
 def test_resume_with_another_student_is_refused(tmp_path):
     folder = _folder(tmp_path)
     folder.check_and_write_config()
