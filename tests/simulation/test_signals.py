@@ -36,7 +36,8 @@ def data(tmp_path_factory):
 
 def command(out: Path, data: Path) -> list[str]:
     return [FEDBRATS, "simulate", "--out", str(out), "--data", str(data), "--preset", "tiny",
-            "--sites", str(len(SITES)), "--set", f"num-rounds={ROUNDS}"]
+            "--sites", str(len(SITES)), "--set", f"num-rounds={ROUNDS}",
+            "--set", "local-steps=60"]  # rounds of several seconds: a signal lands inside one
 
 
 def start(out: Path, data: Path) -> subprocess.Popen:
@@ -98,7 +99,7 @@ def test_a_stop_signal_ends_every_process_and_the_run_resumes(tmp_path, data, si
         end_processes([proc.pid, *run_processes(out)], grace=5.0)
 
     saved = len(json.loads((out / "rounds.json").read_text()))
-    assert saved < inside <= ROUNDS
+    assert saved == inside - 1  # the round under way was not counted
     again = subprocess.run(command(out, data), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     log = (out / "flwr-run.log").read_text()
@@ -132,3 +133,68 @@ def test_what_a_killed_run_leaves_is_ended_by_the_next_start(tmp_path, data):
         assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     finally:
         end_processes([proc.pid, *run_processes(out)], grace=5.0)
+
+
+# The rehearsal: a Python process that holds a LocalFederation (SuperLink, SuperNodes, and with
+# a run under way its ServerApp and ClientApps) gets the signal.
+REHEARSAL = """
+import json, sys, time
+from pathlib import Path
+from fedbrats.simulation.rehearsal import LocalFederation
+folder, data, with_run = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "run"
+sites = {s: data / s for s in ("GLI", "SSA", "PED")}
+with LocalFederation(folder, sites, env={"OMP_NUM_THREADS": "1"}) as fed:
+    if with_run:
+        fed.start_run({"preset": "tiny", "num-sites": 3, "output-dir": str(folder / "run"),
+                       "num-rounds": 50, "local-steps": 20})
+    (folder / "token").write_text(fed.token)
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,with_run", [(signal.SIGTERM, True), (signal.SIGINT, False),
+                                          (signal.SIGHUP, False)],
+                         ids=["SIGTERM-in-a-round", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_to_the_rehearsal_ends_its_federation(tmp_path, data, sig, with_run):
+    from fedbrats.simulation.rehearsal import marked_processes
+
+    folder = tmp_path / "fed"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", REHEARSAL, str(folder), str(data),
+                             "run" if with_run else "idle"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    token = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            if (folder / "token").exists():
+                token = (folder / "token").read_text()
+                if not with_run or _round_under_way(folder / "run"):
+                    break
+            time.sleep(1.0)
+        else:
+            raise AssertionError("the federation did not get going")
+        before = marked_processes(token)
+        names = " ".join(command_line(p) for p in before)
+        assert "flower-superlink" in names and names.count("flower-supernode") == 3
+        if with_run:
+            assert "flwr-clientapp" in names or "flwr-serverapp" in names, names
+        sent = time.monotonic()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        deadline = sent + 30.0
+        while marked_processes(token) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [f"{p} {command_line(p)}" for p in marked_processes(token)]
+        assert not left, f"still running {time.monotonic() - sent:.0f} s after {sig.name}: {left}"
+    finally:
+        end_processes([proc.pid, *(marked_processes(token) if token else [])], grace=5.0)
+
+
+def _round_under_way(out: Path) -> bool:
+    try:
+        return len(json.loads((out / "rounds.json").read_text())) >= 1
+    except (OSError, ValueError):
+        return False
