@@ -69,9 +69,9 @@ def bundle_network_def(spec, heads_target: str = "scripts.heads.with_population_
     :func:`fedbrats.common.networks.heads.with_population_heads`), the head chosen by the
     config's ``population`` (null: their mean, as ``fedbrats predict`` without
     ``--population``)."""
-    from fedbrats.common.networks.models import HEAD_BLOCKS, POPULATION_HEADS, _constructor_kwargs
+    from fedbrats.common.networks.models import HEAD_BLOCKS, POPULATION_HEADS, constructor_kwargs
 
-    kwargs = _constructor_kwargs(spec)
+    kwargs = constructor_kwargs(spec)
     heads = kwargs.pop(POPULATION_HEADS, None)
     net = {
         "_target_": f"monai.networks.nets.{spec.arch}",
@@ -274,7 +274,7 @@ def export_bundle(model: str | Path, out: str | Path, population: str | None = N
     import torch
     from monai.bundle import ConfigParser
 
-    from fedbrats.common.inference.modelfile import _read, load_student
+    from fedbrats.common.inference.modelfile import load_student
 
     model, out = Path(model), Path(out)
     student = load_student(model, population=population)
@@ -285,7 +285,7 @@ def export_bundle(model: str | Path, out: str | Path, population: str | None = N
         raise ExportError(f"{out} exists and is not an empty folder; pass --overwrite to "
                           "replace it")
     network_def = bundle_network_def(student.spec)
-    weights = _read(model)["state_dict"]
+    weights = {k: v.detach().cpu() for k, v in student.network.state_dict().items()}
 
     # the network as the bundle's config builds it (its heads from fedbrats' copy of the file)
     here = bundle_network_def(student.spec, "fedbrats.common.networks.heads.with_population_heads")

@@ -94,6 +94,7 @@ __all__ = [
     "TappedModel",
     "build_network",
     "build_projector",
+    "constructor_kwargs",
     "expand_to_heads",
     "head_population",
     "population_mean",
@@ -348,7 +349,9 @@ def _dynunet_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _constructor_kwargs(spec: ModelSpec) -> dict[str, Any]:
+def constructor_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """The keyword arguments ``build_network`` gives the MONAI class (DynUNet's per-level lists
+    filled in), ``population_heads`` included."""
     options = spec.options
     if spec.arch == "DynUNet":
         options = _dynunet_kwargs(options)
@@ -374,7 +377,7 @@ def build_network(
     """
     spec = resolve_spec(spec)
     cls = _net_class(spec.arch)
-    kwargs = _constructor_kwargs(spec)
+    kwargs = constructor_kwargs(spec)
     populations = kwargs.pop(POPULATION_HEADS, None)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     for key in kwargs:
