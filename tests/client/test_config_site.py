@@ -22,6 +22,20 @@ def test_pyproject_config_is_the_cpu_demo_preset():
     assert run.preset == "cpu-demo" and run.teacher_model == "teacher-cpu"
 
 
+def test_every_run_setting_can_be_given_to_flwr_run():
+    """`flwr run -c` (and so `fedbrats simulate --set`) accepts only keys that the app's
+    [tool.flwr.app.config] has: each run setting needs its key there."""
+    import dataclasses
+
+    from fedbrats.common.config import RunConfig
+
+    keys = set(_pyproject_config())
+    fields = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    assert sorted(fields - keys) == [] and sorted(keys - fields) == []
+    unset = load_run_config(_pyproject_config())
+    assert unset == load_run_config({})  # an empty key keeps the preset's value
+
+
 def test_preset_then_overrides():
     run = load_run_config({**_pyproject_config(), "preset": "tiny", "num-rounds": 5})
     assert (run.teacher_model, run.num_rounds, run.local_steps) == ("teacher-tiny", 5, 2)
