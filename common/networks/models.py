@@ -8,7 +8,7 @@ holds only ``str``/``int``/``float``/``bool``/``None``/``list``/``dict`` values)
 
 Networks take ``B, 4, H, W, D`` input (channels as in
 :data:`fedbrats.common.data.contract.CONTRASTS`) and give
-``B, 4, H, W, D`` logits (classes as in :data:`fedbrats.common.data.contract.LABELS`). The output
+``B, 4, H, W, D``  logits (classes as in :data:`fedbrats.common.data.contract.LABELS`). The output
 has the
 input's spatial size when every spatial size is divisible by :func:`spatial_divisor` of the spec
 (16 for ``DynUNet`` with the default depth 4, ``2 ** (len(blocks_down) - 1)`` for ``SegResNet``,
@@ -16,16 +16,17 @@ the product of the strides for ``UNet``).
 
 Presets (:data:`PRESETS`; parameter counts for 4 input channels and 4 classes):
 
-================  =========  ==========  ===========================================  ========
-name              arch       params      layout                                       divisor
-================  =========  ==========  ===========================================  ========
-``teacher-tiny``  SegResNet  111,212     init 4, blocks_down (1,1,1,1), GroupNorm(4)  8
-``student-tiny``  UNet       39,729      channels (4,8,16,32), 1 residual unit, BN    8
-``teacher-cpu``   SegResNet  1,176,852   init 8, blocks_down (1,2,2,4)                8
-``student-cpu``   UNet       300,709     channels (8,16,32,64), 2 res. units, BN      8
-``teacher-gpu``   SegResNet  18,798,660  init 32, blocks_down (1,2,2,4), dropout 0.2  8
-``student-gpu``   SegResNet  4,702,244   init 16, blocks_down (1,2,2,4)               8
-================  =========  ==========  ===========================================  ========
+=================  =========  ==========  ===========================================  ========
+name               arch       params      layout                                       divisor
+=================  =========  ==========  ===========================================  ========
+``teacher-tiny``   SegResNet  111,212     init 4, blocks_down (1,1,1,1), GroupNorm(4)  8
+``student-tiny``   UNet       39,729      channels (4,8,16,32), 1 residual unit, BN    8
+``teacher-cpu``    SegResNet  1,176,852   init 8, blocks_down (1,2,2,4)                8
+``student-cpu``    UNet       300,709     channels (8,16,32,64), 2 res. units, BN      8
+``teacher-gpu``    SegResNet  18,798,660  init 32, blocks_down (1,2,2,4), dropout 0.2  8
+``student-gpu``    SegResNet  4,702,244   init 16, blocks_down (1,2,2,4)               8
+``student-large``  SegResNet  29,369,684  init 40, blocks_down (1,2,2,4), 117 MB      8
+=================  =========  ==========  ===========================================  ========
 
 The ``tiny`` and ``cpu`` students use batch norm (``BN``), the other networks MONAI's defaults
 (instance norm in UNet, group norm in SegResNet). A network that normalises by the statistics of
@@ -36,7 +37,7 @@ learnt in training (and averaged over the sites by the server), so a voxel's cla
 depends on what else is in its window (docs/bench/demo-settings.md).
 
 The ``tiny`` presets are for tests (32^3 crops), ``cpu`` for a CPU demo (64^3 to 96^3 crops),
-``gpu`` for BraTS-scale training (128^3 crops, as in the MONAI BraTS SegResNet tutorial).
+``gpu`` for BraTS- scale training (128^3 crops, as in the MONAI BraTS SegResNet tutorial).
 
 Feature taps (:func:`default_taps`), names as in ``model.named_modules()``. ``n`` is the number
 of resolution levels, sizes are relative to the input's:
@@ -281,6 +282,10 @@ PRESETS: dict[str, ModelSpec] = {
     ),
     "student-gpu": ModelSpec(
         "SegResNet", {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+    ),
+    # BraTS-scale (117 MB in float32): what the large-student soak over TLS sends
+    "student-large": ModelSpec(
+        "SegResNet", {"init_filters": 40, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
     ),
 }
 """Named specs; see the module docstring for sizes and intended crop sizes."""

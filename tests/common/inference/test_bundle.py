@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_predict import RUN, lps, sphere_case, write_case
+from test_predict import RUN, lps, seeded_state, sphere_case, write_case
 
 from fedbrats.common.cli import main
 from fedbrats.common.data.cases import discover_cases
@@ -24,7 +24,6 @@ from fedbrats.common.data.contract import CONTRASTS
 from fedbrats.common.inference.bundle import export_bundle
 from fedbrats.common.inference.modelfile import PostprocessThresholds, load_student, student_payload
 from fedbrats.common.inference.predict import predict_case
-from fedbrats.common.networks.models import build_network, head_population, student_spec
 from fedbrats.common.utils.files import save_atomic
 
 # Run in the bundle's Python: fedbrats cannot be imported there.
@@ -39,14 +38,7 @@ run(config_file=sys.argv[1] + "/configs/inference.json", bundle_root=sys.argv[1]
 
 def student_file(path, heads: str, ped_shift: float = 0.0):
     run = dataclasses.replace(RUN, student_heads=heads)
-    torch.manual_seed(0)
-    net = build_network(student_spec(run))
-    state = net.state_dict()
-    with torch.no_grad():  # PED's head differs from the others
-        for k, v in state.items():
-            if head_population(k) == "PED" and k.endswith("conv.bias"):
-                v.add_(torch.tensor([-ped_shift, 0.0, ped_shift, 0.0])[: v.numel()]
-                       .reshape(v.shape))
+    state = seeded_state(run, ped_shift)
     # an ET threshold above what this random student predicts (about 40 ml), so that the
     # bundle's post-processing is seen to do what predict's does: every ET voxel becomes NETC
     save_atomic(path, student_payload(run, state, server_round=4,

@@ -46,6 +46,21 @@ def student(student_file):
     return load_student(student_file)
 
 
+def seeded_state(run, ped_shift: float = 0.0) -> dict:
+    """A seeded new student's weights; with ``ped_shift``, PED's head's last biases moved
+    (towards SNFH, away from background) so that its segmentation differs from the others'."""
+    from fedbrats.common.networks.models import head_population
+
+    torch.manual_seed(0)
+    state = build_network(student_spec(run)).state_dict()
+    with torch.no_grad():
+        for k, v in state.items():
+            if head_population(k) == "PED" and k.endswith("conv.bias"):
+                v.add_(torch.tensor([-ped_shift, 0.0, ped_shift, 0.0])[: v.numel()]
+                       .reshape(v.shape))
+    return state
+
+
 def sphere_case(shape, spacing, seed=0):
     """A 'brain' ellipsoid with a bright-on-T1c spherical lesion, drawn in mm around the grid
     centre so that the same anatomy can be written on any grid. Returns images and seg."""
@@ -381,16 +396,8 @@ def test_predict_case_raises_data_error_for_an_unusable_case(tmp_path, student):
 
 def test_a_student_with_a_head_per_population_segments_with_the_one_asked_for(tmp_path,
                                                                               capsys):
-    from fedbrats.common.networks.models import head_population, student_spec
-
     run = dataclasses.replace(RUN, student_heads="population")
-    torch.manual_seed(0)
-    net = build_network(student_spec(run))
-    state = net.state_dict()
-    with torch.no_grad():  # PED's head differs from the others
-        for k, v in state.items():
-            if head_population(k) == "PED" and k.endswith("conv.bias"):
-                v.add_(torch.tensor([-5.0, 0.0, 5.0, 0.0])[: v.numel()].reshape(v.shape))
+    state = seeded_state(run, ped_shift=5.0)
     path = tmp_path / "student.pt"
     save_atomic(path, student_payload(run, state, server_round=3))
     images, _ = sphere_case((24, 24, 24), (2.0, 2.0, 2.0))
