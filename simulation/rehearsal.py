@@ -482,14 +482,24 @@ class LocalFederation:
         expires."""
         sites = list(sites)
         deadline = time.monotonic() + (timeout or self.startup_timeout)
+        port_retries = {site: 3 for site in sites}
         while True:
             activated = []
             for site in sites:
                 component = f"supernode-{site}"
                 proc = self.procs.get(component)
                 if proc is not None and proc.poll() is not None:
+                    log = self.log_of(component, current=True)
+                    # free_port() only finds a port that was free a moment ago: another
+                    # process may take it first. Then the SuperNode gets another one.
+                    if "address already in use" in log and port_retries[site] > 0:
+                        port_retries[site] -= 1
+                        self.sites[site].port = free_port()
+                        self.start_supernode(site)
+                        activated.append(False)
+                        continue
                     raise DeployError(f"SuperNode {site} exited ({proc.returncode}):\n"
-                                      f"{self.log_of(component, current=True)[-3000:]}")
+                                      f"{log[-3000:]}")
                 activated.append("SuperNode ID:" in self.log_of(component, current=True))
             status = self.status()
             if all(activated) and all(status.get(s) == "online" for s in sites):

@@ -253,6 +253,25 @@ def _check_only_operator_commands(fed: LocalFederation) -> None:
         assert _shape(cmd) in known, f"the harness ran a command the README lacks: {cmd}"
 
 
+@pytest.mark.slow
+def test_a_supernode_whose_port_was_taken_gets_another(tmp_path, data):
+    """free_port() finds a port that was free a moment ago; another process may take it before
+    the SuperNode binds it (seen in CI). The SuperNode is then started on another port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        fed = _federation(tmp_path / "fed", data)
+        fed.sites["GLI"].port = busy
+        with fed:
+            assert fed.sites["GLI"].port != busy
+            assert "address already in use" in fed.log_of("supernode-GLI")
+            assert set(fed.status().values()) == {"online"}
+    _assert_nothing_left(fed)
+
+
 def test_readme_gives_exactly_the_commands_the_harness_runs(tmp_path):
     readme = _readme_commands()
     assert readme, "README has no 'Deploying across institutions' section with commands"
