@@ -31,13 +31,13 @@ builds the plain network, whose last block is that head.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Final
 
 from fedbrats.common.data.contract import CONTRASTS, LABELS, REGIONS
+from fedbrats.common.utils.files import file_sha256
 
 __all__ = ["BUNDLE_VERSION", "ExportError", "bundle_network_def", "export_bundle"]
 
@@ -84,14 +84,6 @@ def bundle_network_def(spec, heads_target: str = "scripts.heads.with_population_
         return net
     return {"_target_": heads_target, "net": net, "block": HEAD_BLOCKS[spec.arch],
             "populations": list(heads), "population": "@population"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _inference_config(network_def: dict, spacing, patch, thresholds, population: str | None
@@ -237,7 +229,7 @@ def _metadata(student, network_def: dict, source: Path, population: str | None) 
             "population_head": population,
             "round": student.round,
             "source": source.name,
-            "source_sha256": _sha256(source),
+            "source_sha256": file_sha256(source).hex(),
         },
     }
 

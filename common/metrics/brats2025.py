@@ -24,8 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,8 +33,8 @@ __all__ = [
     "SCORER_REQUIREMENT",
     "ScorerUnavailable",
     "find_scorer_python",
+    "OfficialJob",
     "install_scorer",
-    "score_official",
 ]
 
 SCORER_REQUIREMENT: Final = "brats-evaluation==0.0.10"
@@ -159,12 +157,12 @@ class OfficialJob:
         self.folder = folder
         self.pairs: list[dict[str, str]] = []
 
-    def add(self, case_id: str, pred: Any, gt: Any, affine: Any, header: Any = None) -> None:
+    def add(self, case_id: str, pred: Any, gt: Any, affine: Any) -> None:
         import nibabel as nib
 
         paths = {}
         for side, data in (("pred", pred), ("ref", gt)):
-            img = nib.Nifti1Image(_official_labels(data, self.challenge), affine, header)
+            img = nib.Nifti1Image(_official_labels(data, self.challenge), affine)
             img.set_data_dtype("uint8")
             path = self.folder / f"{len(self.pairs):05d}-{side}.nii.gz"
             nib.save(img, str(path))
@@ -198,22 +196,6 @@ class OfficialJob:
                 for region in REGIONS
             }
         return scores, answer["errors"], answer["versions"]
-
-
-def score_official(
-    cases: Iterable[tuple[str, Any, Any, Any]], challenge: str, python: str | Path | None = None
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Official BraTS 2025 scores of ``(case_id, pred, gt, affine)`` label maps (internal
-    convention, 1 mm^3 or any spacing the affine gives). Raises :class:`ScorerUnavailable`."""
-    interpreter = find_scorer_python(python)
-    with tempfile.TemporaryDirectory(prefix="fedbrats-brats2025-") as tmp:
-        job = OfficialJob(challenge, Path(tmp))
-        for case_id, pred, gt, affine in cases:
-            job.add(case_id, pred, gt, affine)
-        scores, errors, _ = job.run(interpreter)
-    if errors:
-        raise ScorerUnavailable(f"the official scorer could not score {errors}")
-    return scores
 
 
 if __name__ == "__main__":

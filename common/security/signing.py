@@ -229,11 +229,9 @@ def sig_path(path: str | Path) -> Path:
 
 
 def _file_message(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return _FILE_CONTEXT + h.digest()
+    from fedbrats.common.utils.files import file_sha256
+
+    return _FILE_CONTEXT + file_sha256(path)
 
 
 def sign_file(path: str | Path, private_key: Ed25519PrivateKey | str | Path) -> Path:

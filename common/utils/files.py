@@ -56,3 +56,14 @@ def write_exclusive(path: Path, data: bytes, mode: int = 0o600, replace: bool = 
         if replace:
             target.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> bytes:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
