@@ -15,6 +15,7 @@ from monai.data import DataLoader
 from fedbrats.common.config import RunConfig, SiteConfig
 from fedbrats.common.data.cases import Case, check_site, discover_cases
 from fedbrats.common.data.contract import CONTRASTS
+from fedbrats.common.data.provenance import header_mark, marked_cases, synthetic_refusal
 from fedbrats.common.data.transforms import build_dataset, kept_cases, training_dataset
 from fedbrats.common.utils.devices import resolve_device
 
@@ -77,7 +78,30 @@ def clear_site_data_cache() -> None:
 def site_cases(site: SiteConfig) -> list[Case]:
     """The site's cases that have a segmentation (the ones it can train and validate on)."""
     cases = discover_cases(site.data_dir, site.manifest)
+    if site.data_kind == "real":  # headers only: cheap enough for every process
+        refuse_synthetic(site, [(c.case_id, m) for c in cases if (m := case_mark(c))])
     return [c for c in cases if c.seg is not None]
+
+
+def case_mark(case: Case) -> str | None:
+    """The synthetic-data mark of the first of the case's files that carries one (the headers
+    only are read)."""
+    import nibabel as nib
+
+    for _, path in case.files():
+        try:
+            mark = header_mark(nib.load(str(path)).header)
+        except Exception:  # an unreadable file is the data checks' to report
+            continue
+        if mark:
+            return mark
+    return None
+
+
+def refuse_synthetic(site: SiteConfig, marked: list[tuple[str, str]]) -> None:
+    """:class:`SiteError` naming the marked cases of a site that declared its data real."""
+    if marked:
+        raise SiteError(synthetic_refusal(site.population, site.data_dir, marked))
 
 
 CASE_CACHE = "case-cache"
@@ -106,6 +130,9 @@ def site_info(site: SiteConfig, run: RunConfig) -> dict:
     """Facts the server may see: population, case counts, contrasts present, check summary."""
     cases = discover_cases(site.data_dir, site.manifest)
     reports = check_site(cases, site.labels)
+    marked = marked_cases(reports)
+    if site.data_kind == "real":
+        refuse_synthetic(site, marked)
     usable = [c for c, r in zip(cases, reports) if r.ok and c.seg is not None]
     if len(usable) >= 2:
         train, val = split_cases(usable, run.val_fraction, run.seed)
@@ -122,6 +149,7 @@ def site_info(site: SiteConfig, run: RunConfig) -> dict:
         "contrasts_present": contrasts,
         "num_unusable": sum(not r.ok for r in reports),
         "num_without_seg": sum(c.seg is None for c in cases),
+        "num_synthetic": len(marked),
         "problems": problems[:5],
     }
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, check_population
 from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION
+from fedbrats.common.data.provenance import DATA_KINDS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
@@ -432,9 +433,15 @@ class SiteConfig:
     labels: str = DEFAULT_CONVENTION
     manifest: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    data_kind: str = "any"
+    """``real``: the site refuses cases that carry fedbrats' synthetic-data mark
+    (:mod:`fedbrats.common.data.provenance`); ``any`` (the default) takes them and counts them."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "population", check_population(self.population))
+        if self.data_kind not in DATA_KINDS:
+            raise ConfigError(f"site setting data-kind: {self.data_kind!r} is not one of "
+                              f"{', '.join(DATA_KINDS)}")
         if self.labels not in CONVENTIONS:
             raise ConfigError(
                 f"site setting labels: unknown convention {self.labels!r}; expected one of "
@@ -446,13 +453,13 @@ SIMULATION_SITES: tuple[str, ...] = POPULATIONS
 """Simulation partition ``i`` is the site of ``SIMULATION_SITES[i]``."""
 
 
-SIM_SITE_KEYS = ("population", "data-dir", "labels", "manifest")
+SIM_SITE_KEYS = ("population", "data-dir", "labels", "manifest", "data-kind")
 
 
 def simulation_sites(text: str) -> list[dict[str, str]]:
     """The ``sim-sites`` run setting read and checked: one dict per virtual site with
-    ``population``, ``data-dir``, ``labels`` (default :data:`DEFAULT_CONVENTION`) and
-    ``manifest`` (``""`` for none). Populations must differ (each site's work folder is
+    ``population``, ``data-dir``, ``labels`` (default :data:`DEFAULT_CONVENTION`),
+    ``manifest`` (``""`` for none) and ``data-kind`` (default ``any``). Populations must differ (each site's work folder is
     ``output-dir/sites/<POP>``)."""
     import json
 
@@ -483,11 +490,15 @@ def simulation_sites(text: str) -> list[dict[str, str]]:
         if labels not in CONVENTIONS:
             raise bad(f"site {i + 1} ({pop}): unknown label convention {labels!r}; expected "
                       f"one of {', '.join(CONVENTIONS)}")
+        kind = str(entry.get("data-kind") or "any")
+        if kind not in DATA_KINDS:
+            raise bad(f"site {i + 1} ({pop}): data-kind {kind!r} is not one of "
+                      f"{', '.join(DATA_KINDS)}")
         if any(o["population"] == pop for o in out):
             raise bad(f"population {pop} is given twice; each virtual site has its own "
                       "population")
         out.append({"population": pop, "data-dir": str(entry["data-dir"]), "labels": labels,
-                    "manifest": str(entry.get("manifest") or "")})
+                    "manifest": str(entry.get("manifest") or ""), "data-kind": kind})
     return out
 
 
@@ -514,6 +525,7 @@ def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> Sit
             work_dir=Path(str(node_config["work-dir"])),
             labels=str(node_config.get("labels") or DEFAULT_CONVENTION),
             manifest=Path(str(manifest)) if manifest else None,
+            data_kind=str(node_config.get("data-kind") or "any"),
         )
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -533,6 +545,7 @@ def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> Sit
                 work_dir=Path(run.output_dir) / "sites" / spec["population"],
                 labels=spec["labels"],
                 manifest=Path(spec["manifest"]) if spec["manifest"] else None,
+                data_kind=spec["data-kind"],
             )
         pop = SIMULATION_SITES[pid]
         return SiteConfig(

@@ -502,14 +502,18 @@ def _sites_markdown(sites: Mapping, summary: Mapping) -> list[str]:
                 _site_label(name),
                 MISSING if info.get("num_train") is None else str(info.get("num_train")),
                 MISSING if info.get("num_val") is None else str(info.get("num_val")),
+                MISSING if info.get("num_synthetic") is None else str(info.get("num_synthetic")),
                 contrasts or MISSING,
                 "ok" if not status else "no " + " / ".join(status) + " result",
             ]
         )
     if not rows:
         return ["## Sites", "", "No sites reported.", ""]
-    header = ["population", "train cases", "val cases", "contrasts", "status"]
-    return ["## Sites", "", _table(header, rows, ["l", "r", "r", "l", "l"]), ""]
+    header = ["population", "train cases", "val cases", "synthetic cases", "contrasts",
+              "status"]
+    return ["## Sites", "", _table(header, rows, ["l", "r", "r", "r", "l", "l"]),
+            "Synthetic cases: those whose NIfTI headers carry fedbrats' synthetic-data mark "
+            "(its phantoms); a site with data-kind 'real' refuses them.", ""]
 
 
 def _scores_markdown(summary: Mapping, config: Mapping) -> list[str]:

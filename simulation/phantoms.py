@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, SEG_KEY, check_population
+from fedbrats.common.data.provenance import mark_synthetic
 
 __all__ = [
     "POPULATION_TABLE",
@@ -940,7 +941,7 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
         brain_mask=labels.brain.reshape(shape),
         tissue={"gm": tissue.gm.reshape(shape), "wm": tissue.wm.reshape(shape),
                 "csf": tissue.csf.reshape(shape)},
-        info=_case_info(ref, lesions, scale, spacing, slice_k),
+        info={"seed": int(seed), **_case_info(ref, lesions, scale, spacing, slice_k)},
     )
 
 
@@ -949,10 +950,11 @@ def generate_case(population: str, index: int, shape=(96, 96, 96), seed: int = 0
 # --------------------------------------------------------------------------------------------
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+def _save(path: Path, data: np.ndarray, affine: np.ndarray, what: str) -> None:
     import nibabel as nib
 
     img = nib.Nifti1Image(data, affine)
+    mark_synthetic(img, what)  # the provenance mark: a site with data-kind 'real' refuses it
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_zooms(tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))))
@@ -964,9 +966,11 @@ def write_case(case: PhantomCase, out_dir: Path) -> Path:
     """Write one case as ``out_dir/<POP>/<case_id>/<case_id>-{t1n,t1c,t2w,t2f,seg}.nii.gz``."""
     case_dir = Path(out_dir) / case.population / case.case_id
     case_dir.mkdir(parents=True, exist_ok=True)
+    what = f"phantom {case.case_id} seed={case.info.get('seed', '?')}"
     for key in CONTRASTS:
-        _save(case_dir / f"{case.case_id}-{key}.nii.gz", case.images[key], case.affine)
-    _save(case_dir / f"{case.case_id}-{SEG_KEY}.nii.gz", case.seg.astype(np.uint8), case.affine)
+        _save(case_dir / f"{case.case_id}-{key}.nii.gz", case.images[key], case.affine, what)
+    _save(case_dir / f"{case.case_id}-{SEG_KEY}.nii.gz", case.seg.astype(np.uint8),
+          case.affine, what)
     return case_dir
 
 

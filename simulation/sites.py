@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-SITE_ARG = "POP=PATH[,labels=CONV][,manifest=CSV]"
+SITE_ARG = "POP=PATH[,labels=CONV][,manifest=CSV][,data-kind=real]"
 
 
 def parse_site_arg(text: str) -> dict[str, str]:
@@ -37,7 +37,7 @@ def parse_site_arg(text: str) -> dict[str, str]:
     for option in options:
         key, sep, value = option.partition("=")
         key = key.strip()
-        if not sep or key not in ("labels", "manifest") or not value.strip():
+        if not sep or key not in ("labels", "manifest", "data-kind") or not value.strip():
             raise ConfigError(f"--site {text!r}: unknown or empty option {option!r}; expected "
                               f"{SITE_ARG}")
         site[key] = value.strip()
@@ -60,7 +60,7 @@ def read_sites_file(path: str | Path) -> list[dict[str, str]]:
     sites = raw.get("site")
     if not isinstance(sites, list) or not sites or not all(isinstance(s, dict) for s in sites):
         raise ConfigError(f"--sites-file {path}: expected one [[site]] table per site "
-                          "(population, data-dir; optional labels, manifest)")
+                          "(population, data-dir; optional labels, manifest, data-kind)")
     out = []
     for site in sites:
         entry = {str(k): str(v) for k, v in site.items()}
@@ -96,6 +96,7 @@ def check_sites_data(sites: Sequence[dict[str, str]]) -> list[str]:
     when all are usable. Cases without a segmentation are counted, not refused; a site needs
     at least two with one."""
     from fedbrats.common.data.cases import DataError, check_site, discover_cases
+    from fedbrats.common.data.provenance import marked_cases, synthetic_refusal
 
     problems = []
     for site in sites:
@@ -111,6 +112,10 @@ def check_sites_data(sites: Sequence[dict[str, str]]) -> list[str]:
             problems.append(f"{where}: {e}")
             continue
         reports = check_site(cases, site["labels"])
+        marked = marked_cases(reports)
+        if marked and site.get("data-kind") == "real":
+            problems.append(f"{where}: " + synthetic_refusal(pop, folder, marked))
+            continue
         bad = [r for r in reports if not r.ok]
         if bad:
             lines = [p for r in bad for p in r.problems]

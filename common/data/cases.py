@@ -24,6 +24,7 @@ import numpy as np
 
 from fedbrats.common.data.contract import CONTRASTS, POPULATIONS, SEG_KEY
 from fedbrats.common.data.labels import DEFAULT_CONVENTION, LabelError, to_internal
+from fedbrats.common.data.provenance import header_mark
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -129,6 +130,9 @@ class CaseReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     """Usable, but worth a look (no background found)."""
+    synthetic: str | None = None
+    """The synthetic-data mark one of its files carries (``fedbrats.common.data.provenance``),
+    or None: no file has it."""
 
     @property
     def ok(self) -> bool:
@@ -309,7 +313,7 @@ def _read_volume(case_id: str, key: str, path: Path, problems: list[str]):
     if data.ndim != 3:
         problems.append(f"{where}: expected a 3-D image, found shape {tuple(data.shape)}")
         return None
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, np.asarray(img.affine, dtype=np.float64), header_mark(img.header)
 
 
 def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | None]:
@@ -330,7 +334,8 @@ def _read_case(case: Case, convention: str) -> tuple[CaseReport, LoadedCase | No
         read = _read_volume(case.case_id, key, path, problems)
         if read is None:
             continue
-        data, affine = read
+        data, affine, mark = read
+        report.synthetic = report.synthetic or mark
         where = f"case {case.case_id}, {key} file {path}"
         if ref_shape is None:
             ref_key, ref_shape, ref_affine = key, tuple(data.shape), affine

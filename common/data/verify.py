@@ -9,6 +9,7 @@ from pathlib import Path
 from fedbrats.common.data.contract import CONTRASTS
 from fedbrats.common.data.cases import CaseReport, check_site, discover_cases
 from fedbrats.common.data.labels import CONVENTIONS, DEFAULT_CONVENTION, add_labels_argument
+from fedbrats.common.data.provenance import SYNTHETIC_MARK, marked_cases
 
 
 def verify_site(
@@ -21,15 +22,20 @@ def verify_site(
 
 
 def format_reports(reports: Sequence[CaseReport]) -> str:
-    """A plain-text table: case, contrasts, shape, spacing, labels, status; problems below."""
-    rows = [("case", "contrasts", "shape", "spacing (mm)", "labels", "background", "status")]
+    """A plain-text table: case, contrasts, shape, spacing, labels, background, source
+    (``synthetic`` for a case with fedbrats' synthetic-data mark), status; below it the
+    synthetic cases with their marks, the problems and the warnings."""
+    rows = [("case", "contrasts", "shape", "spacing (mm)", "labels", "background", "source",
+             "status")]
     for r in reports:
         contrasts = ",".join(c if c in r.contrasts else "-" for c in CONTRASTS)
         shape = "x".join(map(str, r.shape)) if r.shape else "?"
         spacing = "x".join(f"{s:g}" for s in r.spacing) if r.spacing else "?"
         labels = ",".join(map(str, r.label_values)) if r.label_values is not None else "-"
         status = "UNUSABLE" if not r.ok else ("ok, warning" if r.warnings else "ok")
-        rows.append((r.case_id, contrasts, shape, spacing, labels, r.background or "-", status))
+        source = "synthetic" if r.synthetic else "-"
+        rows.append((r.case_id, contrasts, shape, spacing, labels, r.background or "-", source,
+                     status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     problems = [p for r in reports for p in r.problems]
@@ -40,6 +46,12 @@ def format_reports(reports: Sequence[CaseReport]) -> str:
         f"{len(reports)} cases: {len(reports) - bad} usable, {bad} unusable"
         + (f"; {missing} lack a contrast (zero-filled after normalisation)" if missing else "")
     )
+    marked = marked_cases(reports)
+    if marked:
+        lines.append(f"{len(marked)} cases are synthetic: they carry the mark "
+                     f"{SYNTHETIC_MARK!r} in their NIfTI headers (a site with data-kind 'real' "
+                     "refuses them):")
+        lines.extend(f"  - {cid}: {mark}" for cid, mark in marked)
     if problems:
         lines.append("problems:")
         lines.extend(f"  - {p}" for p in problems)
