@@ -26,6 +26,8 @@ Outputs (:func:`write_outputs`), each on the input's grid with its affine and he
                                 (nats, 0 to ln 4 = 1.386), float32
 ``<case_id>_tta_var.nii.gz``    ``uncertainty="tta"``: variance of the softmax over the 8 flips,
                                 averaged over the four classes, float32
+``<case_id>_zones.nii.gz``      ``zone_edges``: infiltration risk zones around the whole tumour,
+                                uint8 (:mod:`fedbrats.common.inference.infiltration`)
 ``<case_id>_overlay.png``       ``overlay=True``: T1c and FLAIR through the tumour centre, axial,
                                 coronal, sagittal, with the segmentation
 ==============================  =================================================================
@@ -298,6 +300,10 @@ class PredictResult:
     uncertainty_kind: str | None = None
     image: np.ndarray | None = None
     """``C, H, W, D`` input intensities (for the overlay)."""
+    zones: np.ndarray | None = None
+    """``H, W, D`` uint8 infiltration risk zones (:mod:`~fedbrats.common.inference.infiltration`),
+    or None when not asked for."""
+    zone_volumes_mm3: dict[str, float] | None = None
 
 
 def predict_case(
@@ -310,12 +316,15 @@ def predict_case(
     drop: Sequence[str] = (),
     prepared: PreparedCase | None = None,
     tta: bool = False,
+    zone_edges: Sequence[float] | None = None,
 ) -> PredictResult:
     """Segment one case on its own voxel grid (see the module docstring for the steps).
 
     ``uncertainty``: None, ``"entropy"`` or ``"tta"``. ``drop`` removes contrasts on top of
     those the case lacks (zero-filled). ``prepared`` reuses a :func:`prepare_case` result.
     ``tta`` (implied by ``uncertainty="tta"``) segments with the softmax averaged over the 8 flips.
+    ``zone_edges`` ``(inner, first, second)`` mm: also the infiltration risk zones around the
+    (post-processed) segmentation, in the case's brain.
     Raises :class:`~fedbrats.common.data.cases.DataError` for a case that fails the data checks.
     """
     if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
@@ -346,6 +355,16 @@ def predict_case(
         unc = predictive_entropy(probs_in)
     elif uncertainty == "tta":
         unc = np.clip(back[probs.shape[0]], 0.0, None).astype(np.float32)
+    zones = zone_mm3 = None
+    if zone_edges is not None:
+        from fedbrats.common.inference.infiltration import (
+            brain_of,
+            infiltration_zones,
+            zone_volumes,
+        )
+
+        zones = infiltration_zones(labels, brain_of(prep.raw), prep.spacing, zone_edges)
+        zone_mm3 = zone_volumes(zones, prep.spacing)
     return PredictResult(
         case_id=case.case_id,
         labels=labels,
@@ -358,6 +377,8 @@ def predict_case(
         uncertainty=unc,
         uncertainty_kind=uncertainty,
         image=prep.raw,
+        zones=zones,
+        zone_volumes_mm3=zone_mm3,
     )
 
 
@@ -373,6 +394,7 @@ def output_paths(case_id: str, out_dir: str | Path) -> dict[str, Path]:
         "seg": out / f"{case_id}.nii.gz",
         "entropy": out / f"{case_id}_entropy.nii.gz",
         "tta": out / f"{case_id}_tta_var.nii.gz",
+        "zones": out / f"{case_id}_zones.nii.gz",
         "overlay": out / f"{case_id}_overlay.png",
     }
 
@@ -410,6 +432,9 @@ def write_outputs(
         key = "entropy" if result.uncertainty_kind == "entropy" else "tta"
         written[key] = save_like(result.reference, result.uncertainty.astype(np.float32),
                                  paths[key])
+    if result.zones is not None:
+        written["zones"] = save_like(result.reference, result.zones.astype(np.uint8),
+                                     paths["zones"])
     if overlay:
         if result.image is None:
             raise ValueError("overlay needs the input image; predict_case keeps it in .image")
@@ -466,6 +491,8 @@ Writes to OUT_DIR, per case:
                               1 NETC, 2 SNFH, 3 ET)
   <case_id>_entropy.nii.gz    --uncertainty entropy: predictive entropy (nats), float32
   <case_id>_tta_var.nii.gz    --uncertainty tta: softmax variance over 8 flips, float32
+  <case_id>_zones.nii.gz      --infiltration-zones: infiltration risk zones, uint8 (1 the
+                              oedema's front, 2 the first margin, 3 the second)
   <case_id>_overlay.png       --overlay: T1c and FLAIR with the segmentation
 
 Post-processing (on unless --no-postprocess) uses the thresholds stored in the model file
@@ -496,6 +523,11 @@ def register_predict(subparsers) -> argparse.ArgumentParser:
                    help="also write an uncertainty map: 'entropy' (predictive entropy of the "
                    "softmax) or 'tta' (variance over 8 flipped copies; 8x slower, and the "
                    "segmentation is then the flip-averaged one)")
+    p.add_argument("--infiltration-zones", metavar="INNER,FIRST,SECOND", default=None,
+                   help="also write <case_id>_zones.nii.gz: infiltration risk zones around the "
+                        "predicted whole tumour, in the brain: 1 the oedema within INNER mm of "
+                        "the tumour's edge, 2 up to FIRST mm outside it, 3 from FIRST to SECOND "
+                        "mm (Euclidean, in mm on the input's grid; for example 5,10,20)")
     p.add_argument("--tta", action="store_true",
                    help="segment with the softmax averaged over the input and its 7 flipped "
                    "copies (8x slower; what a run's final evaluation does with final-tta on)")
@@ -548,6 +580,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from fedbrats.common.data.labels import LabelError
     from fedbrats.common.inference.modelfile import ModelFileError, load_student
 
+    zone_edges = None
+    if args.infiltration_zones is not None:
+        from fedbrats.common.inference.infiltration import parse_zone_edges
+
+        try:
+            zone_edges = parse_zone_edges(args.infiltration_zones)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if not 0 <= args.sw_overlap < 1:
         print(f"error: --sw-overlap {args.sw_overlap}: expected a value in [0, 1)",
               file=sys.stderr)
@@ -590,7 +631,7 @@ def run_predict(args: argparse.Namespace) -> int:
         try:
             result = predict_case(student, case, apply_postprocess=args.postprocess,
                                   uncertainty=args.uncertainty, overlap=args.sw_overlap,
-                                  tta=args.tta)
+                                  tta=args.tta, zone_edges=zone_edges)
             written = write_outputs(result, out_dir, args.labels, overlay=args.overlay)
         except (DataError, LabelError) as e:
             failures.append(str(e))
@@ -604,6 +645,18 @@ def run_predict(args: argparse.Namespace) -> int:
             v = result.volumes_mm3
             print(f"{result.case_id:<24} {_fmt_ml(v['WT']):>7} {_fmt_ml(v['TC']):>7} "
                   f"{_fmt_ml(v['ET']):>7}  {written['seg']}")
+        if zone_edges is not None:
+            from fedbrats.common.inference.infiltration import ZONE_NAMES
+
+            inner, first, second = zone_edges
+            print(f"infiltration zones (ml): 1 {ZONE_NAMES[0]} (oedema within {inner:g} mm of "
+                  f"the edge), 2 {ZONE_NAMES[1]} (0-{first:g} mm outside), 3 {ZONE_NAMES[2]} "
+                  f"({first:g}-{second:g} mm)")
+            print(f"{'case':<24} {'zone 1':>7} {'zone 2':>7} {'zone 3':>7}  zones file")
+            for result, written in rows:
+                z = [(result.zone_volumes_mm3 or {}).get(n, 0.0) for n in ZONE_NAMES]
+                print(f"{result.case_id:<24} {_fmt_ml(z[0]):>7} {_fmt_ml(z[1]):>7} "
+                      f"{_fmt_ml(z[2]):>7}  {written['zones']}")
     print(f"{len(rows)} of {len(cases)} case(s) written to {out_dir} (labels {args.labels})")
     if failures:
         print(f"{len(failures)} case(s) failed", file=sys.stderr)
