@@ -323,6 +323,12 @@ normalisation, as for a missing contrast) and the Shapley weights |S|!(n-|S|-1)!
 Writes to --out: <case_id>_shapley.json (values per contrast and region, v(empty), v(all), the
 efficiency check sum(phi) = v(all) - v(empty), and the value of every subset) and
 <case_id>_shapley.png (bar chart).
+
+With --gradcam, also a Grad-CAM (MONAI's GradCAM, or GradCAMpp with --gradcam-method gradcampp)
+of each region the student predicts (or of --region alone): the mean log-odds of the region over
+the voxels the student assigns to it, explained at --layer (default: the student's late decoder
+stage): <case_id>_gradcam_<region>.nii.gz (float32 in [0, 1], on the case's grid and header)
+and <case_id>_gradcam_<region>.png (T1c and FLAIR with the map and the segmentation).
 """
 
 
@@ -349,6 +355,18 @@ def register_explain(subparsers) -> argparse.ArgumentParser:
                    help="where the network runs: auto (CUDA when available, default), cpu, cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    p.add_argument("--gradcam", action="store_true",
+                   help="also write Grad-CAM maps (NIfTI on the case's grid, and a PNG) of the "
+                        "regions the student predicts")
+    p.add_argument("--region", choices=tuple(REGIONS), default=None,
+                   help="with --gradcam: only this region (default: every region predicted)")
+    p.add_argument("--layer", metavar="NAME", default=None,
+                   help="with --gradcam: the module to explain, a name of the student's "
+                        "named_modules() (default: its late decoder stage; --list-layers)")
+    p.add_argument("--gradcam-method", choices=("gradcam", "gradcampp"), default="gradcam",
+                   help="with --gradcam: MONAI GradCAM (default) or GradCAMpp")
+    p.add_argument("--list-layers", action="store_true",
+                   help="print the student's module names (for --layer) and exit")
     from fedbrats.common.inference.predict import add_population_argument
 
     add_population_argument(p)
@@ -358,6 +376,7 @@ def register_explain(subparsers) -> argparse.ArgumentParser:
 
 def run_explain(args: argparse.Namespace) -> int:
     from fedbrats.common.data.cases import DataError, discover_cases
+    from fedbrats.common.inference.gradcam import GradCamError
     from fedbrats.common.inference.modelfile import ModelFileError, load_student
     from fedbrats.common.inference.predict import PredictError, resolve_device
 
@@ -373,9 +392,16 @@ def run_explain(args: argparse.Namespace) -> int:
                             f"{', ...' if len(cases) > 5 else ''}); pass one case folder")
         student = load_student(args.model, device=resolve_device(args.device),
                                population=args.population)
+        if args.list_layers:
+            from fedbrats.common.inference.gradcam import default_layer, layer_names
+
+            print("\n".join(layer_names(student)))
+            print(f"(default for --gradcam: {default_layer(student)})")
+            return 0
         expl = explain_case(student, cases[0], args.gt, args.labels,
                             apply_postprocess=args.postprocess, progress=args.progress)
-    except (DataError, ModelFileError, PredictError) as e:
+        cams = _gradcams(args, student, cases[0]) if args.gradcam else []
+    except (DataError, ModelFileError, PredictError, GradCamError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_explanation(expl, args.out)
@@ -392,4 +418,27 @@ def run_explain(args: argparse.Namespace) -> int:
     print("efficiency sum(phi) = v(all) - v(empty): "
           + ("ok" if all(e["ok"] for e in eff.values()) else "FAILED"))
     print(f"wrote {paths['json']} and {paths['png']}")
+    for result, written in cams:
+        print(f"Grad-CAM of {result.region} ({result.method}, layer {result.layer}, over the "
+              f"{result.voxels} voxels the student assigns to it): wrote {written['nifti']} and "
+              f"{written['png']}")
     return 0
+
+
+def _gradcams(args: argparse.Namespace, student: Student, case: Case) -> list:
+    """The Grad-CAM maps ``--gradcam`` asks for, written; ``[(GradCamResult, paths)]``."""
+    from fedbrats.common.inference.gradcam import GradCamError, region_gradcam, write_gradcam
+    from fedbrats.common.inference.predict import predict_case, prepare_case
+
+    prepared = prepare_case(student, case)
+    labels = predict_case(student, case, apply_postprocess=args.postprocess,
+                          prepared=prepared).labels
+    if args.region:
+        regions = [args.region]
+    else:  # every region the student predicts in the case (on the model grid)
+        regions = [r for r in REGIONS if region_masks(labels, r).any()]
+        if not regions:
+            raise GradCamError(f"case {case.case_id}: the student predicts no tumour, so there "
+                               "is no region to explain")
+    results = region_gradcam(student, case, regions, args.layer, args.gradcam_method, prepared)
+    return [(r, write_gradcam(r, prepared, labels, args.out)) for r in results]

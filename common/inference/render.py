@@ -64,12 +64,15 @@ def _views(vol, centre, zooms):
 
 
 def render_views(
-    volumes: dict[str, object], seg, zooms, out_png, title: str, overlay: bool = True
+    volumes: dict[str, object], seg, zooms, out_png, title: str, overlay: bool = True,
+    heat=None,
 ) -> Path:
     """Draw a 2x3 figure of RAS arrays: one row per entry of ``volumes`` (display name ->
     volume), columns axial, coronal and sagittal through the largest lesion of ``seg``, the labels
     outlined (NETC also filled) unless ``overlay`` is false; an all-zero volume is a black panel
-    saying it is missing. Saved as ``out_png``."""
+    saying it is missing. ``heat`` (a RAS map in [0, 1], say a Grad-CAM) is drawn over each
+    slice in the ``jet`` colours where it exceeds 0.1, with a colour bar. Saved as
+    ``out_png``."""
     import numpy as np
     from matplotlib.patches import Patch
 
@@ -81,6 +84,9 @@ def render_views(
     for lab, (_, rgb) in LABEL_STYLE.items():
         colours[lab] = (*rgb, 0.13)
     seg_views = _views(seg, centre, zooms)
+    heat_views = _views(np.asarray(heat, dtype=np.float32), centre, zooms) if heat is not None \
+        else [None] * 3
+    shown = None
 
     fig, axes = plt.subplots(len(volumes), 3, figsize=(10.5, 7.6), facecolor="black",
                              squeeze=False)
@@ -88,11 +94,16 @@ def render_views(
         vol = np.asarray(vol, dtype=np.float32)
         brain = vol[vol > 0]
         vmax = float(np.percentile(brain, 99.5)) if brain.size else 1.0
-        for col, ((sl, aspect), (lab_sl, _), view) in enumerate(
-            zip(_views(vol, centre, zooms), seg_views, ("axial", "coronal", "sagittal"))
+        for col, ((sl, aspect), (lab_sl, _), heat_view, view) in enumerate(
+            zip(_views(vol, centre, zooms), seg_views, heat_views,
+                ("axial", "coronal", "sagittal"))
         ):
             ax = axes[row, col]
             ax.imshow(sl, cmap="gray", vmin=0, vmax=vmax, aspect=aspect, interpolation="bilinear")
+            if heat_view is not None:
+                h = heat_view[0]
+                shown = ax.imshow(np.ma.masked_less(h, 0.1), cmap="jet", vmin=0, vmax=1,
+                                  alpha=0.5, aspect=aspect, interpolation="bilinear")
             if not vol.any():
                 ax.text(0.5, 0.5, f"{name} missing", color="white", ha="center", va="center",
                         transform=ax.transAxes)
@@ -116,7 +127,11 @@ def render_views(
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9,
                labelcolor="white")
     fig.suptitle(title, color="white", fontsize=13)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05, 0.93 if shown is not None else 1, 0.95))
+    if shown is not None:
+        bar = fig.colorbar(shown, cax=fig.add_axes((0.94, 0.2, 0.015, 0.6)))
+        bar.ax.tick_params(colors="white", labelsize=8)
+        bar.set_label("Grad-CAM", color="white", fontsize=9)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=76, facecolor="black")
