@@ -26,6 +26,8 @@ Outputs (:func:`write_outputs`), each on the input's grid with its affine and he
                                 (nats, 0 to ln 4 = 1.386), float32
 ``<case_id>_tta_var.nii.gz``    ``uncertainty="tta"``: variance of the softmax over the 8 flips,
                                 averaged over the four classes, float32
+``<case_id>_confidence.nii.gz`` with an uncertainty map: the softmax probability of the predicted
+                                class (before post-processing), float32, for calibration
 ``<case_id>_zones.nii.gz``      ``zone_edges``: infiltration risk zones around the whole tumour,
                                 uint8 (:mod:`fedbrats.common.inference.infiltration`)
 ``<case_id>_overlay.png``       ``overlay=True``: T1c and FLAIR through the tumour centre, axial,
@@ -298,6 +300,10 @@ class PredictResult:
     uncertainty: np.ndarray | None = None
     """``H, W, D`` float32 (entropy or TTA variance), or None."""
     uncertainty_kind: str | None = None
+    confidence: np.ndarray | None = None
+    """``H, W, D`` float32: the softmax probability of the predicted class (before
+    post-processing), written beside an uncertainty map for calibration checks
+    (``fedbrats evaluate --uncertainty``); None without one."""
     image: np.ndarray | None = None
     """``C, H, W, D`` input intensities (for the overlay)."""
     zones: np.ndarray | None = None
@@ -347,6 +353,7 @@ def predict_case(
     back = to_input_grid(prep, stacked)
     probs_in = normalise_probabilities(back[: probs.shape[0]])
     labels = probs_in.argmax(axis=0).astype(np.uint8)
+    confidence = probs_in.max(axis=0).astype(np.float32) if uncertainty is not None else None
     report = None
     if apply_postprocess:
         labels, report = postprocess(labels, prep.spacing, student.postprocess)
@@ -376,6 +383,7 @@ def predict_case(
         postprocessed=report,
         uncertainty=unc,
         uncertainty_kind=uncertainty,
+        confidence=confidence,
         image=prep.raw,
         zones=zones,
         zone_volumes_mm3=zone_mm3,
@@ -395,6 +403,7 @@ def output_paths(case_id: str, out_dir: str | Path) -> dict[str, Path]:
         "entropy": out / f"{case_id}_entropy.nii.gz",
         "tta": out / f"{case_id}_tta_var.nii.gz",
         "zones": out / f"{case_id}_zones.nii.gz",
+        "confidence": out / f"{case_id}_confidence.nii.gz",
         "overlay": out / f"{case_id}_overlay.png",
     }
 
@@ -432,6 +441,8 @@ def write_outputs(
         key = "entropy" if result.uncertainty_kind == "entropy" else "tta"
         written[key] = save_like(result.reference, result.uncertainty.astype(np.float32),
                                  paths[key])
+    if result.confidence is not None:
+        written["confidence"] = save_like(result.reference, result.confidence, paths["confidence"])
     if result.zones is not None:
         written["zones"] = save_like(result.reference, result.zones.astype(np.uint8),
                                      paths["zones"])
@@ -491,6 +502,7 @@ Writes to OUT_DIR, per case:
                               1 NETC, 2 SNFH, 3 ET)
   <case_id>_entropy.nii.gz    --uncertainty entropy: predictive entropy (nats), float32
   <case_id>_tta_var.nii.gz    --uncertainty tta: softmax variance over 8 flips, float32
+  <case_id>_confidence.nii.gz with --uncertainty: softmax probability of the predicted class
   <case_id>_zones.nii.gz      --infiltration-zones: infiltration risk zones, uint8 (1 the
                               oedema's front, 2 the first margin, 3 the second)
   <case_id>_overlay.png       --overlay: T1c and FLAIR with the segmentation

@@ -109,7 +109,7 @@ ISSUE_COLUMNS: Final[tuple[str, ...]] = ("kind", "case_id", "pred_file", "gt_fil
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SEG_SUFFIX = re.compile(r"^(?P<id>.+?)(?:-seg|_seg)$")
 _IMAGE_SUFFIX = re.compile(r"^.+(?:-(?:t1n|t1c|t2w|t2f)|_(?:t1|t1ce|t2|flair))$", re.IGNORECASE)
-_AUX_SUFFIX = re.compile(r"^.+_(?:entropy|tta_var)$")
+_AUX_SUFFIX = re.compile(r"^.+_(?:entropy|tta_var|confidence|zones|gradcam_(?:WT|TC|ET))$")
 
 
 class EvaluationError(ValueError):
@@ -703,8 +703,28 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     paths = write_results(result, args.out)
     print(format_summary(result))
+    failed = bool(result.failed)
+    if args.uncertainty:
+        from fedbrats.common.metrics.uncertainty import (
+            UncertaintyError,
+            evaluate_uncertainty,
+            format_uncertainty,
+            write_uncertainty,
+        )
+
+        scored = [p for p in pair_cases(args.pred, args.gt).pairs if p.case_id in result.per_case]
+        try:
+            calibration = evaluate_uncertainty(scored, args.uncertainty, args.labels,
+                                               args.pred_labels)
+        except UncertaintyError as e:
+            print(f"error: {e}")
+            return 2
+        paths.update({f"uncertainty_{k}": v for k, v in
+                      write_uncertainty(calibration, args.out).items()})
+        print(format_uncertainty(calibration))
+        failed = failed or bool(calibration.failed)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 1 if result.failed else 0
+    return 1 if failed else 0
 
 
 def register_evaluate(subparsers) -> None:
@@ -772,6 +792,16 @@ def register_evaluate(subparsers) -> None:
         help="the Python of the official scorer's environment (default: "
         "$FEDBRATS_BRATS2025_PYTHON, else .venv-brats2025/bin/python beside this checkout, "
         "made by `make brats2025`)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        metavar="DIR",
+        default=None,
+        help="the folder of `fedbrats predict --uncertainty entropy|tta`: also measure how well "
+        "its uncertainty maps predict the errors (voxel Spearman correlation, the softmax's "
+        "expected calibration error from its _confidence maps, the risk-coverage curve and its "
+        "area, and across cases the correlation of mean WT uncertainty with 1 - WT Dice); "
+        "writes uncertainty_per_case.csv, uncertainty_summary.csv and risk_coverage.png",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run)
