@@ -240,6 +240,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: record}), reply_to=msg)
 
 
+PERSONAL_FILE = "personal-student.pt"
+"""With run setting ``personalise``: the site's fine-tuned student, in its work folder."""
+
+
 @app.evaluate(wire.action(wire.FINAL))
 def evaluate_final(msg: Message, context: Context) -> Message:
     from fedbrats.client.evaluate import evaluate_site
@@ -248,14 +252,41 @@ def evaluate_final(msg: Message, context: Context) -> Message:
         return refused
     run, site = _setup(context)
     student = msg.content[wire.ARRAYS].to_torch_state_dict()
+    grid = None
+    text = msg.content[wire.CONFIG].get(wire.POSTPROCESS_GRID) \
+        if wire.CONFIG in msg.content.config_records else None
+    if text:
+        from fedbrats.common.inference.postprocess_tuning import decode_grid
+
+        grid = decode_grid(str(text))
     result = evaluate_site(site, run, student, with_teacher=True, missing_contrasts=True,
-                           tta=run.final_tta)
+                           tta=run.final_tta, postprocess_grid=grid)
     record = MetricRecord({
         **flatten_scores(result["student"], "student"),
         **flatten_scores(result["teacher"], "teacher"),
     })
+    if result.get("postprocess_grid") is not None:  # only the scores leave the site
+        from fedbrats.common.data.contract import REGIONS
+
+        for i, row in enumerate(result.get("postprocess_grid")):
+            for region, value in zip(REGIONS, row):
+                if math.isfinite(float(value)):
+                    record[f"{wire.POSTPROCESS_SCORES}.{i}.{region}"] = float(value)
     for contrast, scores in (result["student_missing"] or {}).items():
         record.update(flatten_scores(scores, f"student_missing.{contrast}"))
+    if run.personalise:  # the site's own model: fine-tuned here, kept here
+        from fedbrats.client.finetune import FinetuneSettings, finetune_site, personal_payload
+        from fedbrats.common.utils.files import save_atomic
+
+        settings = FinetuneSettings(max_steps=run.personalise_max_steps,
+                                    eval_every=max(1, run.personalise_max_steps // 12),
+                                    seed=run.seed)
+        tuned = finetune_site(run, site, student, settings)
+        save_atomic(site.work_dir / PERSONAL_FILE,
+                    personal_payload(run, tuned, {"round": run.num_rounds}, site, settings))
+        record.update(flatten_scores(tuned.personal_scores, "personal"))
+        record.update(flatten_scores(tuned.global_scores, "personal_base"))
+        record["personal_steps"] = int(tuned.steps)
     if wire.BASELINE in msg.content.array_records:  # the FedAvg baseline of the same run
         baseline = msg.content[wire.BASELINE].to_torch_state_dict()
         scores = evaluate_site(site, run.baseline_run(), baseline, tta=run.final_tta)["student"]

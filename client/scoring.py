@@ -39,7 +39,7 @@ def predict_volume(model: TappedModel, image: torch.Tensor, run: RunConfig,
 def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
                    device: torch.device, drop: Sequence[str] = (),
                    score: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-                   tta: bool = False) -> dict:
+                   tta: bool = False, keep: list | None = None) -> dict:
     """Mean scores of ``model`` over the validation cases; ``drop`` zeroes those contrasts;
     ``tta`` segments with the softmax averaged over the 8 flipped copies of each case.
 
@@ -51,7 +51,8 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
     ``score(pred, gt)`` gives one case's ``{region: {metric: value}}``; by default all the
     metrics of :func:`~fedbrats.common.metrics.brats.evaluate_case` for the site's population.
     A student with a head per population segments with the site's own
-    (:func:`~fedbrats.common.networks.models.set_population`).
+    (:func:`~fedbrats.common.networks.models.set_population`). ``keep``: a list that gets each
+    case's ``(segmentation, label, spacing)`` on the case's grid (post-processing tuning).
     """
     set_population(model, site.population)
     per_case = []
@@ -68,6 +69,8 @@ def evaluate_model(model: TappedModel, val_ds, site: SiteConfig, run: RunConfig,
         pred = back.argmax(axis=0).astype(np.uint8)
         label = item[INPUT_LABEL]
         gt = label.as_tensor()[0].numpy().astype(np.uint8)
+        if keep is not None:
+            keep.append((pred, gt, voxel_spacing(label.affine)))
         if score is None:
             per_case.append(evaluate_case(pred, gt, voxel_spacing(label.affine),
                                           site.population))

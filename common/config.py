@@ -33,6 +33,8 @@ FEATURE_KINDS = ("mse", "cosine")
 KD_MASKS = ("none", "teacher-correct")
 KD_TRUSTS = ("none", "site", "region")
 TRANSFER_DTYPES = ("float32", "float16")
+POSTPROCESS_TUNINGS = ("off", "global", "population")
+"""Values of the run setting ``postprocess-tuning``."""
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -150,6 +152,17 @@ class RunConfig:
     """The final evaluation (student, teacher, missing contrasts) segments with flip test-time
     augmentation: the softmax averaged over the 8 flipped copies of each case (8x the
     inference). The per-round evaluations do not."""
+    postprocess_tuning: str = "off"
+    """``global``: with the final evaluation every site scores a grid of post-processing
+    thresholds on its validation cases (lesion-wise Dice) and the server writes the best
+    equal-weight mean into student.pt; ``population``: each population's own best
+    (:mod:`fedbrats.common.inference.postprocess_tuning`); ``off``: the defaults."""
+    personalise: bool = False
+    """A last phase: after the final evaluation every site fine-tunes the final student on its
+    own cases (:mod:`fedbrats.client.finetune`), keeps it as ``work-dir/personal-student.pt``
+    (it never leaves the site) and reports it beside the federated student."""
+    personalise_max_steps: int = 300
+    """With ``personalise``: the most fine-tuning steps per fold (scored every twelfth)."""
     amp: bool = False
     device: str = "auto"
     keep_site_updates: bool = False
@@ -204,7 +217,7 @@ class RunConfig:
         need(self.batch_size >= 1, "batch_size", "at least 1")
         need(0 < self.val_fraction < 1, "val_fraction", "a fraction between 0 and 1")
         for key in ("teacher_epochs", "teacher_steps_per_epoch", "num_rounds", "local_steps",
-                    "num_sites", "eval_every"):
+                    "num_sites", "eval_every", "personalise_max_steps"):
             need(getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("teacher_lr", "student_lr", "temperature", "server_lr"):
             need(getattr(self, key) > 0, key, "a number > 0")
@@ -242,6 +255,8 @@ class RunConfig:
              'none with kd-trust region (the region terms weight the whole volume; set '
              'kd-trust to "site" or "none" to mask by the teacher)')
         need(self.student_heads in STUDENT_HEADS, "student_heads", " or ".join(STUDENT_HEADS))
+        need(self.postprocess_tuning in POSTPROCESS_TUNINGS, "postprocess_tuning",
+             " or ".join(POSTPROCESS_TUNINGS))
         need(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
              " or ".join(TRANSFER_DTYPES))
         need(not (self.secure_aggregation and self.transfer_dtype != "float32"),
@@ -331,7 +346,7 @@ PRESETS: dict[str, RunConfig] = {
         _BASE, preset="tiny", teacher_model="teacher-tiny", student_model="student-tiny",
         spacing=4.0, patch_size=32, batch_size=1, teacher_epochs=1, teacher_steps_per_epoch=2,
         num_rounds=2, local_steps=2, num_sites=3, eval_every=1, final_tta=False,
-        output_dir="runs/tiny",
+        personalise_max_steps=4, output_dir="runs/tiny",
     ),
     # the default for `make demo`: five sites on two CPU cores within 15 minutes
     "cpu-demo": _BASE,

@@ -63,6 +63,12 @@ RANGE_CONFIG = "fedbrats-secagg-range"
 """SecAgg+ rounds: the clipping range, so that a site can warn when its update exceeds it."""
 CODE_KEY = "code"
 """``query.info``: the folder the site's fedbrats code was loaded from (the app bundle's)."""
+POSTPROCESS_GRID = "fedbrats-postprocess-grid"
+"""Final evaluation config (run setting ``postprocess-tuning``): the post-processing
+thresholds each site scores, JSON (:func:`fedbrats.common.inference.postprocess_tuning.encode_grid`)."""
+POSTPROCESS_SCORES = "postprocess_grid"
+"""Final evaluation reply: ``postprocess_grid.<point>.<region>`` = the lesion-wise Dice of the
+site's validation cases post-processed at that grid point."""
 BASELINE = "fedbrats-baseline"
 """Train config: this round trains the labels-only FedAvg baseline, not the student (no
 teacher). Final evaluation: the name of the baseline's ArrayRecord beside the student's."""

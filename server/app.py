@@ -205,11 +205,17 @@ def _resume_point(run: RunConfig, folder: RunFolder, signer, warm: ArrayRecord |
         check_resumable(folder, done, arrays, initial_student_arrays(run))
         log(INFO, "fedbrats: resuming after round %d of %d", done, run.num_rounds)
         if signer is not None:
-            from fedbrats.common.security.signing import sig_path, verify_file
+            from fedbrats.common.security.signing import SignatureError, sig_path, verify_file
 
             path = folder.path / "checkpoints" / f"round-{done:03d}.pt"
             if sig_path(path).exists():
-                verify_file(path, signer.public_key())  # SignatureError: refuse to resume
+                try:
+                    verify_file(path, signer.public_key())
+                except SignatureError as e:  # refuse to resume from it
+                    raise SignatureError(
+                        f"{e}. The run does not resume from a checkpoint it cannot trust; to "
+                        f"resume after round {done - 1} instead, move {path.name} and "
+                        f"{sig_path(path).name} out of {path.parent}") from None
             else:
                 log(WARNING, "fedbrats: %s has no signature (written before signing-key was "
                     "set); resuming from it anyway", path)
@@ -277,6 +283,13 @@ def evaluate_final(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[in
 
         log(INFO, "fedbrats: signature written to %s", sign_file(student_path, signer))
         final_config[SIGNATURE_CONFIG_KEY] = sign_arrays(final_arrays, signer)
+    points = None
+    if run.postprocess_tuning != "off":
+        from fedbrats.common.inference.postprocess_tuning import encode_grid, grid_points
+
+        points = grid_points()
+        final_config[wire.POSTPROCESS_GRID] = encode_grid(points)
+        log(INFO, "fedbrats: each site also scores %d post-processing settings", len(points))
     log(INFO, "fedbrats: final evaluation of the student beside each site's teacher")
     records = {wire.ARRAYS: final_arrays, wire.CONFIG: final_config}
     if baseline is not None:
@@ -285,7 +298,53 @@ def evaluate_final(grid: Grid, run: RunConfig, folder: RunFolder, nodes: list[in
                     LONG_TIMEOUT_S, folder, "final", names)
     for n, r in replies.items():
         sites[names[n]].update(parse_scores(r.content[wire.METRICS]))
+        if "personal_steps" in r.content[wire.METRICS]:
+            sites[names[n]]["personal_steps"] = int(r.content[wire.METRICS]["personal_steps"])
+    if points is not None:
+        tune_postprocessing(run, folder, sites, points, final_arrays, signer)
     folder.write_json("sites.json", sites)
+
+
+def tune_postprocessing(run: RunConfig, folder: RunFolder, sites: dict[str, dict], points: list,
+                        final_arrays: ArrayRecord, signer) -> None:
+    """Keep the post-processing thresholds the sites' grid scores favour
+    (:func:`~fedbrats.common.inference.postprocess_tuning.choose`), write them into student.pt
+    (signed again) and ``postprocess.json``, and each site's gain into ``sites.json``."""
+    import numpy as np
+
+    from fedbrats.common.data.contract import REGIONS
+    from fedbrats.common.inference.postprocess_tuning import choose
+
+    scores = {}
+    for pop, entry in sites.items():
+        grid = entry.pop(wire.POSTPROCESS_SCORES, None) or {}
+        table = np.full((len(points), len(REGIONS)), np.nan)
+        for i, regions in grid.items():
+            for j, region in enumerate(REGIONS):
+                table[int(i), j] = regions.get(region, np.nan)
+        if grid:
+            scores[pop] = table
+    if not scores:
+        log(WARNING, "fedbrats: no site returned post-processing scores; student.pt keeps the "
+            "default thresholds")
+        return
+    choice = choose(scores, points, run.postprocess_tuning)
+    path = folder.save_student(final_arrays.to_torch_state_dict(), run.num_rounds,
+                               postprocess=choice.chosen,
+                               postprocess_by_population=choice.by_population or None)
+    if signer is not None:
+        from fedbrats.common.security.signing import sign_file
+
+        sign_file(path, signer)
+    folder.write_json("postprocess.json", choice.to_dict())
+    for pop, figures in choice.site_scores.items():
+        sites[pop]["postprocess"] = {**figures, "thresholds": choice.by_population.get(
+            pop, choice.chosen).to_dict()}
+    shown = ", ".join(f"{p} {v['gain']:+.3f}" for p, v in choice.site_scores.items())
+    log(INFO, "fedbrats: post-processing tuned (%s): %s; written into %s; mean lesion-wise Dice "
+        "on the validation cases, gain over the defaults: %s", run.postprocess_tuning,
+        choice.chosen.to_dict() if not choice.by_population else
+        {p: t.to_dict() for p, t in choice.by_population.items()}, path, shown)
 
 
 def report(run: RunConfig, folder: RunFolder, sites: dict[str, dict], started: str,

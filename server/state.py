@@ -112,9 +112,12 @@ class RunFolder:
                      _to_tensors(arrays))
 
     # -- the final student ----------------------------------------------------------------
-    def save_student(self, arrays: Mapping[str, Any], server_round: int) -> Path:
+    def save_student(self, arrays: Mapping[str, Any], server_round: int,
+                     postprocess: Any = None, postprocess_by_population: Any = None) -> Path:
         """The final student with everything inference needs
-        (``fedbrats.common.inference.modelfile``)."""
+        (``fedbrats.common.inference.modelfile``), with these post-processing thresholds (the
+        defaults when None)."""
         path = self.path / "student.pt"
-        save_atomic(path, student_payload(self.run, arrays, server_round))
+        save_atomic(path, student_payload(self.run, arrays, server_round, postprocess,
+                                          postprocess_by_population))
         return path

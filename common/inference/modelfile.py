@@ -17,6 +17,9 @@ key                    value
 ``label_convention``   convention of the output classes: ``"brats2023"`` (the internal one)
 ``regions``            evaluated regions, JSON ``{"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}``
 ``postprocess``        post-processing thresholds (see below), ``{"min_component_mm3": ..., ...}``
+``postprocess_by_population``  optional: thresholds per population (``{"SSA": {...}, ...}``),
+                       written by a run with ``postprocess-tuning = "population"``; ``predict
+                       --population`` uses its population's
 ``round``              the federated round the weights come from
 ``config``             the run settings, JSON (for the record)
 =====================  =============================================================================
@@ -127,6 +130,8 @@ class Student:
     channels: tuple[str, ...] = CONTRASTS
     label_convention: str = DEFAULT_CONVENTION
     postprocess: PostprocessThresholds = field(default_factory=PostprocessThresholds)
+    """The thresholds it post-processes with: its population's when the file has thresholds
+    per population and one was asked for, else the file's ``postprocess``."""
     round: int | None = None
     path: Path | None = None
     device: str = "cpu"
@@ -159,11 +164,13 @@ def student_payload(
     arrays: Mapping[str, Any],
     server_round: int,
     postprocess: PostprocessThresholds | Mapping[str, float] | None = None,
+    postprocess_by_population: Mapping[str, PostprocessThresholds] | None = None,
 ) -> dict:
     """The dictionary to ``torch.save`` as a student file (see the module docstring).
 
     ``arrays``: the network's state dict (tensors or numpy arrays); ``postprocess``: thresholds
-    to publish with the model, the defaults when None.
+    to publish with the model, the defaults when None; ``postprocess_by_population``: those of
+    each population, when they were tuned per population.
     """
     from fedbrats.common.networks.models import student_spec
     from fedbrats.common.utils.arrays import to_tensors
@@ -185,6 +192,9 @@ def student_payload(
         "label_convention": DEFAULT_CONVENTION,
         "regions": json.dumps({k: list(v) for k, v in REGIONS.items()}),
         "postprocess": thresholds.to_dict(),
+        **({"postprocess_by_population": {str(k): v.to_dict()
+                                          for k, v in postprocess_by_population.items()}}
+           if postprocess_by_population else {}),
         "round": int(server_round),
         "config": json.dumps(run.to_dict()),
     }
@@ -363,8 +373,18 @@ def _read_contract(data: Mapping, where: str) -> tuple[tuple[str, ...], str]:
     return channels, convention
 
 
-def _read_postprocess(data: Mapping, where: str) -> PostprocessThresholds:
-    """The file's post-processing thresholds; the defaults (logged) when it has none."""
+def _read_postprocess(data: Mapping, where: str, population: str | None = None
+                      ) -> PostprocessThresholds:
+    """The file's post-processing thresholds (``population``'s, when the file has thresholds
+    per population and names it); the defaults (logged) when it has none."""
+    by_population = data.get("postprocess_by_population")
+    if population is not None and isinstance(by_population, Mapping) and \
+            population in by_population:
+        try:
+            return PostprocessThresholds.from_dict(by_population[population])
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ModelFileError(f"{where}: postprocess_by_population[{population!r}] "
+                                 f"{by_population[population]!r}: {e}") from None
     raw_pp = data.get("postprocess")
     if raw_pp is None:
         log.info("%s has no post-processing settings; using the defaults %s", where,
@@ -424,7 +444,7 @@ def load_student(path: str | Path, device: str = "cpu", population: str | None =
                       f"{where}: spacing")
     patch = _triple(data["patch_size"], int, "a patch size in voxels > 0 (one number or three)",
                     f"{where}: patch_size")
-    thresholds = _read_postprocess(data, where)
+    thresholds = _read_postprocess(data, where, population)
     net = _build_trained_network(spec, data["state_dict"], where)
     net.to(torch.device(device))
     from fedbrats.common.networks.models import POPULATION_HEADS, set_population
