@@ -404,9 +404,24 @@ class LocalFederation:
             self.wait_online(self.registered)
 
     def start_superlink(self) -> None:
-        proc = self._spawn("superlink", self.superlink_command(), self.flwr_home,
-                           cwd=self.flwr_home)
-        self.wait_healthy(proc)
+        """Start the SuperLink and wait until it is healthy. At the first start, when another
+        process took the port that ``free_port()`` found free a moment before, the SuperLink is
+        started on another one (up to 3 times); a restart keeps its port (the SuperNodes know
+        only that one), so there a taken port is an error."""
+        first = not any(c.startswith("supernode-") for c in self.procs)
+        for retries_left in (3, 2, 1, 0):
+            proc = self._spawn("superlink", self.superlink_command(), self.flwr_home,
+                               cwd=self.flwr_home)
+            try:
+                self.wait_healthy(proc)
+                return
+            except DeployError:
+                taken = "address already in use" in self.log_of("superlink", current=True)
+                if not (first and taken and retries_left and proc.poll() is not None):
+                    raise
+            self._terminate("superlink", signal.SIGKILL, 0.0)  # a SuperExec it had started
+            self.port = free_port()
+            (self.flwr_home / "config.toml").write_text(self.connection_toml())
 
     def wait_healthy(self, proc: subprocess.Popen | None = None) -> None:
         proc = proc or self.procs["superlink"]

@@ -81,3 +81,18 @@ def assert_server_mean(ckpt: dict, updates: dict, before: dict | None = None) ->
         mean = np.mean([u[key].double().numpy() for u in own], axis=0)
         np.testing.assert_allclose(value.double().numpy(), mean, rtol=1e-5, atol=1e-6,
                                    err_msg=key)
+
+
+def record_recovery(fault: str, seconds: float, what: str) -> None:
+    """A fault test's measured time to recover: printed, and appended as a JSON line to the
+    file named by ``$FEDBRATS_RECOVERY_LOG`` when set (``docs/bench/faults.py`` collects
+    them into ``docs/bench/faults.md``)."""
+    import json
+    import time
+
+    print(f"recovery: {fault}: {seconds:.1f} s ({what})")
+    log = os.environ.get("FEDBRATS_RECOVERY_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"fault": fault, "seconds": round(seconds, 1), "what": what,
+                                 "when": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")

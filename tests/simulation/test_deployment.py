@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_server_mean
+from conftest import assert_server_mean, record_recovery
 
 from fedbrats.common.config import ConfigError, load_run_config
 from fedbrats.simulation.rehearsal import LocalFederation, marked_processes
@@ -272,6 +272,26 @@ def test_a_supernode_whose_port_was_taken_gets_another(tmp_path, data):
     _assert_nothing_left(fed)
 
 
+def test_a_superlink_whose_port_was_taken_gets_another_at_its_first_start(tmp_path, data):
+    """The same race for the SuperLink's one port (Flower 1.42 serves the Fleet, Control and
+    Runtime APIs on it): at the first start it is started on another port, and the
+    coordinator's connection names that one."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        fed = _federation(tmp_path / "fed", data, register=["GLI"], start_supernodes=False)
+        fed.port = busy
+        with fed:
+            assert fed.port != busy
+            assert "address already in use" in fed.log_of("superlink")
+            assert f"127.0.0.1:{fed.port}" in (fed.flwr_home / "config.toml").read_text()
+            assert fed.status() == {"GLI": "registered"}  # the CLI reaches the new port
+    _assert_nothing_left(fed)
+
+
 def test_readme_gives_exactly_the_commands_the_harness_runs(tmp_path):
     readme = _readme_commands()
     assert readme, "README has no 'Deploying across institutions' section with commands"
@@ -417,6 +437,9 @@ def site_crash(tmp_path_factory, data):
 def test_round_completes_without_the_crashed_site(site_crash):
     fed, result, _, _, restarted_after = site_crash
     print(f"run {result.seconds:.0f} s; SSA back {restarted_after:.0f} s after the crash")
+    record_recovery("a site's SuperNode killed mid-round, started again", restarted_after,
+                    "kill to the restarted SuperNode online (Flower must first see the old "
+                    "one offline)")
     out = result.output_dir
     assert result.status == "finished:completed", result.log_text()[-3000:]
     rounds = _rounds(out)
@@ -473,16 +496,23 @@ def server_faults(tmp_path_factory, data):
         fed.stop_run(run_id)
         snap["run1"] = fed.wait_run(first, timeout=300)
 
+        restart_at = time.monotonic()
         fed.restart_supernode("PED", timeout=240)
+        snap["restart_s"] = time.monotonic() - restart_at
 
         second = fed.start_run(cfg)
         _wait(lambda: _round_finished(out, 2), 900, "round 2")
         snap["ckpt2"] = (out / "checkpoints" / "round-002.pt").read_bytes()
+        killed_at = time.monotonic()
         snap["killed"] = fed.kill_serverapp(second)
         snap["run2_status"] = fed.run_status(fed.run_id_of(second), timeout=150)
+        snap["failed_after"] = time.monotonic() - killed_at
         snap["run2_log"] = second.log.read_text(errors="replace")
 
-        snap["run3"] = fed.run(cfg, timeout=900)
+        third = fed.start_run(cfg)
+        _wait(lambda: _round_finished(out, 3), 900, "round 3")
+        snap["round3_after"] = time.monotonic() - killed_at
+        snap["run3"] = fed.wait_run(third, timeout=900)
         snap["teachers_after"] = _teacher_mtimes(fed)
     return fed, out, snap
 
@@ -492,6 +522,12 @@ def test_serverapp_stopped_or_killed_resumes_without_repeating_a_round(server_fa
     fed, out, snap = server_faults
     run1, run3 = snap["run1"], snap["run3"]
     print(f"run 1 {run1.seconds:.0f} s (stopped), run 3 {run3.seconds:.0f} s")
+    record_recovery("ServerApp stopped (flwr stop)", run1.seconds,
+                    "flwr run to its end as finished:stopped, round 1 saved")
+    record_recovery("ServerApp killed", snap["failed_after"],
+                    "kill to the run listed finished:failed")
+    record_recovery("ServerApp killed (to the next saved round)", snap["round3_after"],
+                    "kill to round 3 saved by the resumed run, one round's training included")
     assert run1.status == "finished:stopped"
     assert len(snap["killed"]) == 1  # the ServerApp process of run 2
     assert snap["run2_status"] == "finished:failed"
@@ -517,9 +553,91 @@ def test_serverapp_stopped_or_killed_resumes_without_repeating_a_round(server_fa
 @pytest.mark.slow
 def test_restarted_supernode_reuses_its_teacher(server_faults):
     fed, out, snap = server_faults
+    record_recovery("a SuperNode stopped and started again", snap["restart_s"],
+                    "SIGTERM to the restarted SuperNode online")
     assert fed.log_of("supernode-PED").count("Starting Flower SuperNode") == 2
     assert snap["teachers_after"] == snap["teachers"]  # no teacher.pt was written again
     sites = _json(out / "sites.json")
     assert all(sites[s]["teacher_training"]["reused"] == 1 for s in SITES)
     assert "PED teacher: WT Dice" in snap["run2_log"]
     assert re.search(r"PED teacher: WT Dice [0-9.]+ \(reused\)", snap["run2_log"])
+
+
+# --------------------------------------------------------------------------------------------
+# f. The SuperLink killed and started again on its database
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def superlink_restart(tmp_path_factory, data):
+    """Round 1 of 3 is saved; the SuperLink is killed (SIGKILL, its SuperExec and ServerApp
+    with it) inside round 2 and started again with the same ``--database`` on the same port;
+    the SuperNodes, left running, reconnect by themselves; the coordinator runs ``flwr run``
+    again, which resumes after round 1."""
+    root = tmp_path_factory.mktemp("deploy-superlink")
+    out = root / "run"
+    cfg = _tiny(out, **{"num-rounds": 3})
+    fed = _federation(root / "fed", data)
+    snap: dict = {}
+    with fed:
+        first = fed.start_run(cfg)
+        _wait(lambda: _round_finished(out, 1), 900, "round 1")
+        _wait(lambda: "Receiving: train message" in fed.log_of("supernode-GLI").split(
+            "Receiving: evaluate message")[-1], 300, "round 2 at GLI")
+        snap["ckpt1"] = (out / "checkpoints" / "round-001.pt").read_bytes()
+        snap["teachers"] = _teacher_mtimes(fed)
+        snap["node_ids"] = dict(fed.node_id)
+        snap["supernodes"] = {s: fed.procs[f"supernode-{s}"].pid for s in SITES}
+        killed_at = time.monotonic()
+        fed.kill_superlink()
+        snap["serverapps_left"] = fed.serverapp_pids()
+        try:  # `flwr run --stream` loses its SuperLink
+            snap["flwr_run_rc"] = first.process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            snap["flwr_run_rc"] = None
+            fed.kill_serverapp(first)
+        fed.start_superlink()
+        snap["healthy_after"] = time.monotonic() - killed_at
+        fed.wait_online(SITES, timeout=300)
+        snap["online_after"] = time.monotonic() - killed_at
+        second = fed.start_run(cfg)
+        _wait(lambda: _round_finished(out, 2), 900, "round 2 after the restart")
+        snap["round2_after"] = time.monotonic() - killed_at
+        snap["run2"] = fed.wait_run(second, timeout=900)
+        snap["run1_status"] = fed.run_status(fed.run_id_of(first), timeout=150)
+        snap["supernodes_after"] = {s: fed.procs[f"supernode-{s}"].pid for s in SITES}
+        snap["teachers_after"] = _teacher_mtimes(fed)
+        snap["status"] = fed.status()
+    return fed, out, snap
+
+
+@pytest.mark.slow
+def test_superlink_killed_and_restarted_on_its_database_loses_only_the_round_under_way(
+        superlink_restart):
+    fed, out, snap = superlink_restart
+    run2 = snap["run2"]
+    record_recovery("SuperLink killed, started again", snap["online_after"],
+                    "kill to every SuperNode online again")
+    record_recovery("SuperLink killed, started again (to the next saved round)",
+                    snap["round2_after"], "kill to round 2 saved by the resumed run")
+    assert snap["serverapps_left"] == []  # the ServerApp went with its SuperLink
+    assert snap["flwr_run_rc"] not in (None, 0)  # the coordinator's stream said so
+    # the registrations lived in the database: the same node ids, no second `register`
+    assert set(snap["status"].values()) == {"online"}
+    assert fed.node_id == snap["node_ids"]
+    assert sum(Path(c[0]).name == "flwr" and c[1:3] == ["supernode", "register"]
+               for c in fed.commands) == len(SITES)
+    # the SuperNodes were not restarted: they reconnected by themselves
+    assert snap["supernodes_after"] == snap["supernodes"]
+    assert all(fed.log_of(f"supernode-{s}").count("Starting Flower SuperNode") == 1
+               for s in SITES)
+    # the resumed run: round 1 kept, round 2 trained once (the killed attempt left nothing)
+    assert run2.status == "finished:completed", run2.log_text()[-3000:]
+    assert "resuming after round 1 of 3" in run2.log_text()
+    assert [r["round"] for r in _rounds(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "round-001.pt").read_bytes() == snap["ckpt1"]
+    trained = [(e["round"], e["site"]) for e in _audit(out) if e["phase"] == "round"]
+    assert sorted(trained) == sorted((r, s) for r in (1, 2, 3) for s in SITES)
+    assert snap["teachers_after"] == snap["teachers"]  # no teacher trained again
+    assert snap["run1_status"] != "running"
+    _assert_nothing_left(fed)

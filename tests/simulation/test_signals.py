@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import record_recovery
 
 from fedbrats.common.utils.processes import command_line, descendants, end_processes, run_processes
 from fedbrats.simulation.phantoms import write_dataset
@@ -91,6 +92,8 @@ def test_a_stop_signal_ends_every_process_and_the_run_resumes(tmp_path, data, si
         rc = proc.wait(timeout=60)
         left = the_run_is_gone(out, pids, within=30.0 - (time.monotonic() - sent))
         assert not left, f"still running {time.monotonic() - sent:.0f} s after {sig.name}: {left}"
+        record_recovery(f"fedbrats simulate sent {sig.name}", time.monotonic() - sent,
+                        "signal to the last process of the run ended")
         assert rc == 128 + sig
         terminal = (tmp_path / "run.terminal.log").read_text()
         assert f"stopped by {sig.name}: every process of the run has ended" in terminal

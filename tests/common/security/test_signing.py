@@ -271,3 +271,40 @@ def test_predict_refuses_an_unsigned_or_changed_student(tmp_path, keys, capsys):
         f.write(bytes([b[0] ^ 0xFF]))
     assert main(argv) == 2
     assert "signature does not match" in capsys.readouterr().err
+
+
+def test_a_signed_run_refuses_to_resume_from_a_changed_checkpoint(tmp_path, keys):
+    """A checkpoint changed after it was signed (still a loadable file) is not resumed from;
+    the error names it and says how to resume from the round before, which then works."""
+    import shutil
+
+    from fedbrats.common.config import load_run_config
+    from fedbrats.server.app import _resume_point
+    from fedbrats.server.protocol import initial_student_arrays
+    from fedbrats.server.state import RunFolder
+
+    (private, _), _ = keys
+    signer = load_private_key(private)
+    run = load_run_config({"preset": "tiny", "output-dir": str(tmp_path / "run")})
+    folder = RunFolder(run)
+    student = initial_student_arrays(run)
+    for rnd in (1, 2):
+        sign_file(folder.save_checkpoint(rnd, student), signer)
+    folder.write_json("rounds.json", [{"round": 1}, {"round": 2}])
+    assert _resume_point(run, folder, signer)[0] == 2
+
+    path = folder.path / "checkpoints" / "round-002.pt"
+    saved = torch.load(path, weights_only=True)
+    name = next(k for k, v in saved["state_dict"].items() if v.is_floating_point())
+    saved["state_dict"][name] += 0.01
+    torch.save(saved, path)
+    with pytest.raises(SignatureError, match=r"round-002\.pt: signature does not match.*"
+                                             r"resume after round 1 instead, move round-002"):
+        _resume_point(run, folder, signer)
+
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for p in (path, sig_path(path)):
+        shutil.move(p, aside / p.name)
+    done, rounds, arrays, _ = _resume_point(run, folder, signer)
+    assert (done, [r["round"] for r in rounds]) == (1, [1])
