@@ -182,9 +182,16 @@ def case_cache_key(settings: Mapping[str, object]):
 
 class _KeptCases(PersistentDataset):
     """MONAI's ``PersistentDataset``, but a cache file that cannot be read (torn by a killed
-    process, say) is preprocessed again rather than failing the round."""
+    process, say) is preprocessed again rather than failing the round; and an item read back
+    from its file has the same types as one just computed. (MONAI turns every tensor and array
+    of an item it reads back into a ``MetaTensor``; a batch that mixed a case read back with a
+    case computed in this process, as after a case is added or its file changes, then failed
+    to collate: "'Tensor' object has no attribute 'meta'".)"""
 
     def _cachecheck(self, item_transformed):
+        return _same_types(self._cached_or_computed(item_transformed))
+
+    def _cached_or_computed(self, item_transformed):
         try:
             return super()._cachecheck(item_transformed)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
@@ -196,6 +203,24 @@ class _KeptCases(PersistentDataset):
                         str(e).split(".")[0])
             path.unlink()
             return super()._cachecheck(item_transformed)
+
+
+_IMAGE_KEYS = (IMAGE, LABEL, INPUT_LABEL)
+
+
+def _same_types(item):
+    """Only the images (and labels) of a kept item are ``MetaTensor``s; its other tensors and
+    arrays (``present``, the foreground box) are plain tensors, read back or not."""
+    if not isinstance(item, dict):
+        return item
+    out = {}
+    for key, value in item.items():
+        if key not in _IMAGE_KEYS and isinstance(value, MetaTensor):
+            value = value.as_tensor()
+        elif key not in _IMAGE_KEYS and isinstance(value, np.ndarray):
+            value = torch.as_tensor(value)
+        out[key] = value
+    return out
 
 
 @contextlib.contextmanager

@@ -193,3 +193,26 @@ def test_cases_kept_on_disk_are_not_preprocessed_again_in_a_new_process(tmp_path
     train, val = build()
     assert len(reads) == 2 and first_sample(train[0])[IMAGE].shape == (4, 8, 8, 8)
     assert any("torn cache file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_of_a_kept_case_and_a_new_one_collates(tmp_path):
+    """MONAI reads a kept item back with every tensor and array as a MetaTensor; one computed
+    in this process has plain ones. A batch of one of each (a case added to a site, a changed
+    file) failed to collate ("'Tensor' object has no attribute 'meta'"). Both now have the same
+    types."""
+    from monai.data import DataLoader, MetaTensor
+
+    from fedbrats.common.data.cases import discover_cases
+    from fedbrats.common.data.transforms import kept_cases, training_dataset
+    from fedbrats.simulation.phantoms import write_dataset
+
+    write_dataset(tmp_path / "data", {"SSA": 2}, shape=(32, 32, 32), seed=1, progress=False)
+    cases = discover_cases(tmp_path / "data" / "SSA")
+    kept_cases(cases[:1], (4.0,) * 3, tmp_path / "cache")[0]  # the first case is kept
+    both = kept_cases(cases, (4.0,) * 3, tmp_path / "cache")
+    read_back, computed = both[0], both[1]
+    assert {k: type(v) for k, v in read_back.items()} == {k: type(v) for k, v in computed.items()}
+    assert isinstance(read_back[IMAGE], MetaTensor) and not isinstance(read_back["present"],
+                                                                        MetaTensor)
+    batch = next(iter(DataLoader(training_dataset(both, (16, 16, 16)), batch_size=2)))
+    assert batch[IMAGE].shape == (2, 4, 16, 16, 16)
