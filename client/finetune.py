@@ -54,7 +54,10 @@ class FinetuneSettings:
     max_steps: int = 300
     eval_every: int = 25
     patience: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-4
+    """A tenth of the presets' student rate: at 1e-3 every fold of the demo's SSA site lost
+    Dice within 25 steps (held-out mean Dice 0.89 -> 0.67, 0.93 -> 0.84, 0.80 -> 0.53, 0.91
+    -> 0.85), and early stopping kept the federated student unchanged."""
     seed: int = 0
 
     def __post_init__(self) -> None:
