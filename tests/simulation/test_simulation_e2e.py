@@ -55,6 +55,45 @@ def test_run_finishes_and_report_covers_every_site(sim):
     assert "| GLI" in result.report.read_text()
 
 
+def test_post_processing_is_tuned_by_the_sites_scores_and_written_into_the_student(sim):
+    """(Before the restart test below, which runs again without these settings.) Every site
+    scored the grid on its validation cases; only the scores came back; each
+    population's best thresholds are in student.pt and the report."""
+    from fedbrats.common.inference.modelfile import load_student
+    from fedbrats.common.inference.postprocess_tuning import grid_points
+
+    _, result = sim
+    out = result.output_dir
+    chosen = json.loads((out / "postprocess.json").read_text())
+    assert chosen["mode"] == "population" and chosen["grid_points"] == len(grid_points())
+    assert set(chosen["by_population"]) == set(SITES)
+    sites = json.loads((out / "sites.json").read_text())
+    for site in SITES:
+        pp = sites[site]["postprocess"]
+        assert pp["tuned"] >= pp["default"] - 1e-12  # the default is on the grid
+        assert pp["gain"] == pytest.approx(pp["tuned"] - pp["default"])
+        assert "postprocess_grid" not in sites[site]  # the raw grid is not kept
+        student = load_student(out / "student.pt", population=site)
+        assert student.postprocess.to_dict() == chosen["by_population"][site]
+    assert "## Post-processing tuned by the federation" in result.report.read_text()
+
+
+def test_each_site_keeps_its_own_fine_tuned_model_and_reports_it(sim):
+    from fedbrats.common.inference.modelfile import load_student
+
+    _, result = sim
+    out = result.output_dir
+    sites = json.loads((out / "sites.json").read_text())
+    for site in SITES:
+        personal = out / "sites" / site / "personal-student.pt"
+        assert load_student(personal, population=site).round == 2
+        assert set(sites[site]["personal"]) == set(sites[site]["personal_base"]) == \
+            {"WT", "TC", "ET"}
+        assert sites[site]["personal_steps"] >= 0
+    assert not (out / "personal-student.pt").exists()  # nothing of it at the server
+    assert "## The sites' own models (`personalise`)" in result.report.read_text()
+
+
 def test_server_and_sites_ran_the_app_bundles_code(sim):
     _, result = sim
     code = json.loads((result.output_dir / "report.json").read_text())["run"]["code"]
@@ -159,40 +198,3 @@ def test_restart_resumes_from_the_last_round_and_reuses_teachers(sim, capfd):
         "round-001.pt", "round-002.pt", "round-003.pt"]
     assert PRESETS["tiny"].num_rounds == 2
 
-
-def test_post_processing_is_tuned_by_the_sites_scores_and_written_into_the_student(sim):
-    """Every site scored the grid on its validation cases; only the scores came back; each
-    population's best thresholds are in student.pt and the report."""
-    from fedbrats.common.inference.modelfile import load_student
-    from fedbrats.common.inference.postprocess_tuning import grid_points
-
-    _, result = sim
-    out = result.output_dir
-    chosen = json.loads((out / "postprocess.json").read_text())
-    assert chosen["mode"] == "population" and chosen["grid_points"] == len(grid_points())
-    assert set(chosen["by_population"]) == set(SITES)
-    sites = json.loads((out / "sites.json").read_text())
-    for site in SITES:
-        pp = sites[site]["postprocess"]
-        assert pp["tuned"] >= pp["default"] - 1e-12  # the default is on the grid
-        assert pp["gain"] == pytest.approx(pp["tuned"] - pp["default"])
-        assert "postprocess_grid" not in sites[site]  # the raw grid is not kept
-        student = load_student(out / "student.pt", population=site)
-        assert student.postprocess.to_dict() == chosen["by_population"][site]
-    assert "## Post-processing tuned by the federation" in result.report.read_text()
-
-
-def test_each_site_keeps_its_own_fine_tuned_model_and_reports_it(sim):
-    from fedbrats.common.inference.modelfile import load_student
-
-    _, result = sim
-    out = result.output_dir
-    sites = json.loads((out / "sites.json").read_text())
-    for site in SITES:
-        personal = out / "sites" / site / "personal-student.pt"
-        assert load_student(personal, population=site).round == 2
-        assert set(sites[site]["personal"]) == set(sites[site]["personal_base"]) == \
-            {"WT", "TC", "ET"}
-        assert sites[site]["personal_steps"] >= 0
-    assert not (out / "personal-student.pt").exists()  # nothing of it at the server
-    assert "## The sites' own models (`personalise`)" in result.report.read_text()
