@@ -262,10 +262,9 @@ def personal_payload(run: RunConfig, result: FinetuneResult, base: Mapping[str, 
     contents, whose round and post-processing it keeps), with a ``personalised`` record."""
     from fedbrats.common.inference.modelfile import PostprocessThresholds, student_payload
 
-    pp = base.get("postprocess")
-    by_pop = base.get("postprocess_by_population") or {}
-    thresholds = PostprocessThresholds.from_dict(by_pop.get(site.population, pp)) if pp or \
-        by_pop.get(site.population) else None
+    raw = (base.get("postprocess_by_population") or {}).get(site.population) \
+        or base.get("postprocess")
+    thresholds = PostprocessThresholds.from_dict(raw) if raw else None
     payload = student_payload(run, result.state, int(base.get("round") or 0), thresholds)
     payload["personalised"] = json.dumps({
         "population": site.population, "steps": result.steps, "folds": len(result.folds),
